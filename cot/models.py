@@ -1,0 +1,303 @@
+"""The one offline loader for tokenizers and models, and the tiny-model builder.
+
+Every load passes ``local_files_only=True``: compute nodes are air-gapped, so a model folder is
+downloaded once on a login node (``hpc.launch download``) and only ever read afterwards.
+torch and transformers are imported inside functions so the CLI starts instantly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+# The chat-free prompt format the tiny models are trained on; real models use the same template.
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+class ModelError(ValueError):
+    """A model folder is missing, incomplete or needs a flag the user did not give."""
+
+
+def check_model_dir(path: str | Path, *, need_weights: bool = True) -> Path:
+    """Return ``path`` resolved, or raise ModelError naming the folder and what is missing."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(
+            f"model folder {p} does not exist (build tiny models with "
+            "`python -m hpc.launch tiny-models` or fetch real ones with `download` on a login node)"
+        )
+    if not p.is_dir():
+        raise ModelError(f"model folder {p} is not a directory")
+    missing = []
+    if not (p / "config.json").is_file():
+        missing.append("config.json")
+    if need_weights and not any(any(p.glob(pat)) for pat in WEIGHT_PATTERNS):
+        missing.append("weights (*.safetensors or pytorch_model*.bin)")
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        missing.append("tokenizer files (tokenizer.json or tokenizer_config.json)")
+    if missing:
+        raise ModelError(f"model folder {p} is incomplete: missing {', '.join(missing)}")
+    return p.resolve()
+
+
+def check_remote_code(path: Path, trust_remote_code: bool) -> None:
+    """Refuse a model that ships its own code unless the user asked for it by flag."""
+    cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    if cfg.get("auto_map") and not trust_remote_code:
+        raise ModelError(
+            f"model folder {path} ships its own Python code (auto_map in config.json); "
+            "refusing to run it without --trust-remote-code"
+        )
+
+
+def cuda_available() -> bool:
+    """True when torch sees a CUDA device."""
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def resolve_quant(quant: str) -> bool:
+    """Whether to load in 4-bit NF4: ``nf4`` always, ``none`` never, ``auto`` only with CUDA."""
+    if quant == "nf4":
+        return True
+    if quant == "none":
+        return False
+    if quant != "auto":
+        raise ValueError(f"quant must be auto, nf4 or none, got {quant!r}")
+    if cuda_available():
+        return True
+    log.info("quant=auto: no CUDA device, loading in full precision instead of NF4")
+    return False
+
+
+def load_tokenizer(
+    path: str | Path, *, trust_remote_code: bool = False, padding_side: str = "left"
+) -> PreTrainedTokenizerBase:
+    """Load a tokenizer offline; the pad token falls back to eos. Left padding for generation."""
+    from transformers import AutoTokenizer
+
+    p = check_model_dir(path, need_weights=False)
+    check_remote_code(p, trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(
+        str(p), local_files_only=True, trust_remote_code=trust_remote_code
+    )
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ModelError(f"tokenizer in {p} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_model(
+    path: str | Path,
+    *,
+    quant: str = "auto",
+    trust_remote_code: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> PreTrainedModel:
+    """Load a causal LM offline.
+
+    Args:
+        path: model folder (config, weights, tokenizer).
+        quant: ``auto`` (NF4 only where CUDA is present), ``nf4`` or ``none``.
+        trust_remote_code: allow code shipped in the folder (off unless asked for).
+        device: ``cuda``/``cpu``; default picks CUDA when present.
+        dtype: ``float32``/``bfloat16``/``float16``; default bf16 on CUDA, fp32 on CPU.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    p = check_model_dir(path)
+    check_remote_code(p, trust_remote_code)
+    on_cuda = cuda_available() if device is None else device.startswith("cuda")
+    dev = device or ("cuda" if on_cuda else "cpu")
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if on_cuda else torch.float32)
+    kwargs: dict[str, Any] = {
+        "local_files_only": True,
+        "trust_remote_code": trust_remote_code,
+        "dtype": torch_dtype,
+    }
+    if resolve_quant(quant):
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch_dtype,
+        )
+        kwargs["device_map"] = {"": 0 if dev == "cuda" else dev}
+    model = AutoModelForCausalLM.from_pretrained(str(p), **kwargs)
+    if "device_map" not in kwargs:
+        model.to(dev)
+    model.eval()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny models: built offline for tests and the demo.
+# ---------------------------------------------------------------------------------------------
+
+TINY_TEACHER = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2}
+TINY_STUDENT = {"hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 2}
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 600) -> Any:
+    """A byte-level BPE trained with Qwen2's own normalizer and pre-tokenizer.
+
+    transformers 5 rebuilds a ``Qwen2Tokenizer`` from vocab and merges and ignores a saved
+    pre-tokenizer, so any other settings would re-encode text differently after a reload.
+    """
+    from tokenizers import Tokenizer, models, trainers
+    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
+
+    # Borrow the exact normalizer/pre-tokenizer/decoder from a blank Qwen2Tokenizer.
+    blank = Qwen2Tokenizer()._tokenizer
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = blank.normalizer
+    tok.pre_tokenizer = blank.pre_tokenizer
+    tok.decoder = blank.decoder
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    merges = [
+        tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in data["model"]["merges"]
+    ]
+    hf = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    hf.model_max_length = 2048
+    return hf
+
+
+def _lm_train(
+    model: Any, tok: Any, texts: list[str], steps: int, seed: int, lr: float, batch: int = 16
+) -> list[float]:
+    """Plain causal-LM training on whole texts (each ends with eos); returns the losses."""
+    import torch
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
+    model.train()
+    losses = []
+    order = list(range(len(texts)))
+    pos = len(order)
+    for _ in range(steps):
+        if pos + batch > len(order):
+            rng.shuffle(order)
+            pos = 0
+        chunk = [texts[i] + tok.eos_token for i in order[pos : pos + batch]]
+        pos += batch
+        enc = tok(chunk, return_tensors="pt", padding=True, padding_side="right")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        out = model(**enc, labels=labels)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        losses.append(float(out.loss))
+    model.eval()
+    return losses
+
+
+def build_tiny_models(
+    out_dir: str | Path,
+    train_records: list[dict[str, Any]],
+    *,
+    seed: int = 0,
+    teacher_steps: int = 300,
+    student_steps: int = 150,
+    prompt_template: str,
+) -> dict[str, Any]:
+    """Build ``teacher/`` and ``student/`` under ``out_dir`` from the training questions.
+
+    The teacher is trained on prompt + reference solution, so it writes step-by-step text that
+    ends in a ``Final Answer:`` line. The student is pre-trained on question text only: a small
+    "base model" that knows the vocabulary but not the solution format, which LoRA must teach.
+    Each model folder is written to a temp folder and renamed into place, so a crash leaves no
+    half-built model behind.
+    """
+    import shutil
+    import time
+
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from cot.prompts import prompt
+
+    teacher_texts = [
+        prompt(prompt_template, r["question"]) + r["reference_cot"] for r in train_records
+    ]
+    question_texts = [r["question"] for r in train_records]
+    tok = train_tokenizer(teacher_texts + question_texts)
+    stats: dict[str, Any] = {}
+    for name, shape, texts, steps, lr in (
+        ("teacher", TINY_TEACHER, teacher_texts, teacher_steps, 3e-3),
+        ("student", TINY_STUDENT, question_texts, student_steps, 2e-3),
+    ):
+        t0 = time.time()
+        torch.manual_seed(seed)
+        config = Qwen2Config(
+            vocab_size=len(tok),
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            bos_token_id=None,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            **shape,
+        )
+        model = Qwen2ForCausalLM(config)
+        losses = _lm_train(model, tok, texts, steps, seed, lr) if steps else []
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.generation_config.eos_token_id = tok.eos_token_id
+        tmp = out / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        final = out / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        stats[name] = {
+            "params": sum(p.numel() for p in model.parameters()),
+            "steps": steps,
+            "first_loss": losses[0] if losses else None,
+            "last_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+            "seconds": round(time.time() - t0, 1),
+        }
+    return stats

@@ -1,0 +1,44 @@
+"""Prompt templates: the teacher's instruction prompt and the student's training format."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TEACHER_TEMPLATE = REPO_ROOT / "templates" / "prompts" / "teacher.txt"
+STUDENT_TEMPLATE = REPO_ROOT / "templates" / "prompts" / "student.txt"
+
+
+@lru_cache(maxsize=16)
+def load_template(path: str | Path) -> str:
+    """Read a prompt template, dropping the leading ``#`` comment lines and the final newline.
+
+    Raises:
+        ValueError: the file does not exist or has no ``{question}`` placeholder.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"prompt template {p} not found")
+    lines = p.read_text(encoding="utf-8").splitlines()
+    while lines and lines[0].startswith("#"):
+        lines.pop(0)
+    text = "\n".join(lines)
+    if "{question}" not in text:
+        raise ValueError(f"prompt template {p} has no {{question}} placeholder")
+    return text
+
+
+def render(template: str, question: str) -> str:
+    """Fill a template; only ``{question}`` is substituted, other braces stay as written."""
+    return template.replace("{question}", question)
+
+
+def prompt(template: str, question: str) -> str:
+    """A full prompt: the template filled in, ending in a newline where the model continues."""
+    return render(template, question) + "\n"
+
+
+def student_prompt(question: str) -> str:
+    """The seed's student format up to the answer: ``### Question:`` ... ``### Answer:``."""
+    return prompt(load_template(STUDENT_TEMPLATE), question)

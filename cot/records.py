@@ -1,0 +1,167 @@
+"""JSONL records: validation with file:line errors, atomic writes and durable appends.
+
+Everything that reads user input goes through :func:`read_questions`, so a bad file is rejected
+before any job is submitted, with the file, the line and the field in the message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+class RecordError(ValueError):
+    """Bad input data. ``str(err)`` reads ``FILE:LINE: field 'x': what is wrong``."""
+
+    def __init__(self, path: str | Path, line: int | None, message: str, field: str | None = None):
+        self.path, self.line, self.field = str(path), line, field
+        where = f"{path}:{line}" if line is not None else f"{path}"
+        what = f"field '{field}': {message}" if field else message
+        super().__init__(f"{where}: {what}")
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it survives a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temp file beside ``path``; on success fsync it and rename it over ``path``.
+
+    On any error the temp file is removed and ``path`` is left exactly as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        encoding = None if "b" in mode else "utf-8"
+        with os.fdopen(fd, mode, encoding=encoding) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file, fsync, rename)."""
+    with atomic_open(path) as fh:
+        fh.write(text)
+
+
+def atomic_write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
+    """Write records as JSON lines atomically; returns the count."""
+    n = 0
+    with atomic_open(path) as fh:
+        for rec in records:
+            fh.write(dumps(rec) + "\n")
+            n += 1
+    return n
+
+
+def dumps(record: dict[str, Any]) -> str:
+    """One canonical JSON line (no trailing newline)."""
+    return json.dumps(record, ensure_ascii=False)
+
+
+def append_durable(fh: IO[str], records: Iterable[dict[str, Any]]) -> int:
+    """Append records to an open text file in one write, then flush and fsync."""
+    lines = [dumps(r) + "\n" for r in records]
+    if lines:
+        fh.write("".join(lines))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return len(lines)
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, object) for each non-blank line; RecordError on anything malformed."""
+    path = Path(path)
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed below; bytes so bad UTF-8 has a line number
+    except FileNotFoundError:
+        raise RecordError(path, None, "file not found") from None
+    with fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise RecordError(path, lineno, f"invalid UTF-8 at byte {e.start}") from None
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise RecordError(
+                    path, lineno, f"invalid JSON: {e.msg} (column {e.colno})"
+                ) from None
+            if not isinstance(obj, dict):
+                raise RecordError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def read_questions(
+    path: str | Path,
+    *,
+    text_field: str = "question",
+    start_index: int = 0,
+    num_samples: int | None = None,
+) -> list[dict[str, Any]]:
+    """Read and validate a question file; every record gets a stable string ``id``.
+
+    Records without an ``id`` get ``L<line>`` (stable as long as the file is; launches pin the
+    file's sha256). Optional ``answer`` and ``category`` are checked for type when present.
+
+    Raises:
+        RecordError: empty file, bad JSON or UTF-8, a missing or non-string field, duplicate ids,
+            or an empty selection.
+    """
+    records: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for lineno, obj in iter_jsonl(path):
+        if text_field not in obj:
+            raise RecordError(path, lineno, "missing", field=text_field)
+        if not isinstance(obj[text_field], str) or not obj[text_field].strip():
+            got = type(obj[text_field]).__name__
+            raise RecordError(path, lineno, f"must be a non-empty string, got {got}", text_field)
+        for name in ("answer", "category"):
+            if name in obj and not isinstance(obj[name], (str, int, float)):
+                raise RecordError(path, lineno, "must be a string or number", field=name)
+        rid = obj.get("id", f"L{lineno}")
+        if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+            raise RecordError(path, lineno, "must be a string or integer", field="id")
+        rid = str(rid)
+        if rid in seen:
+            raise RecordError(
+                path, lineno, f"duplicate id {rid!r} (first on line {seen[rid]})", "id"
+            )
+        seen[rid] = lineno
+        rec = dict(obj)
+        rec["id"] = rid
+        if "answer" in rec:
+            rec["answer"] = str(rec["answer"])
+        records.append(rec)
+    if not records:
+        raise RecordError(path, None, "file is empty: no records")
+    end = None if num_samples is None else start_index + num_samples
+    selected = records[start_index:end]
+    if not selected:
+        raise RecordError(
+            path, None, f"--start-index {start_index} selects no records (file has {len(records)})"
+        )
+    return selected

@@ -1,0 +1,1 @@
+"""cot-hpc cluster layer: CLI, executor facade, shards, requeue, distributed env, status."""

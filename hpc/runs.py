@@ -1,0 +1,78 @@
+"""The run folder: its lock and ``launch.json`` (job ids per stage)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cot.records import atomic_write_text
+
+
+class RunLockedError(RuntimeError):
+    """Another launch holds this run folder's lock."""
+
+
+def make_run_dir(path: str | Path) -> Path:
+    """Create the run folder, user-only (it holds pickles and logs)."""
+    p = Path(path).resolve()
+    p.mkdir(parents=True, exist_ok=True)
+    os.chmod(p, 0o700)
+    return p
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``RUN_DIR/.lock`` (flock) for the duration; a second launch refuses at once."""
+    path = run_dir / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            raise RunLockedError(
+                f"{run_dir} is locked by another launch ({holder or 'unknown holder'}); "
+                "wait for it to finish or use another --run-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def read_launch(run_dir: Path) -> dict[str, Any]:
+    """``launch.json`` as a dict (empty when absent)."""
+    path = run_dir / "launch.json"
+    if not path.exists():
+        return {}
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return data
+
+
+def record_launch(run_dir: Path, stage: str, entry: dict[str, Any]) -> None:
+    """Append one submission of ``stage`` to ``launch.json`` (atomically)."""
+    data = read_launch(run_dir)
+    st = data.setdefault("stages", {}).setdefault(stage, {"submissions": []})
+    st["submissions"].append({"time": time.time(), **entry})
+    atomic_write_text(run_dir / "launch.json", json.dumps(data, indent=1))
+
+
+def latest_jobs(run_dir: Path, stage: str) -> dict[str, Any]:
+    """Merge all submissions of a stage: the newest job id of every shard, and of the merge."""
+    subs = read_launch(run_dir).get("stages", {}).get(stage, {}).get("submissions", [])
+    shards: dict[int, str] = {}
+    out: dict[str, Any] = {"kind": None, "shards": shards, "merge": None, "job": None}
+    for s in subs:
+        out["kind"] = s.get("kind", out["kind"])
+        for k, v in s.get("shards", {}).items():
+            shards[int(k)] = v
+        out["merge"] = s.get("merge") or out["merge"]
+        out["job"] = s.get("job") or out["job"]
+    return out

@@ -1,0 +1,298 @@
+"""Shard plans, completion markers, resumable shard files and the verified streaming merge.
+
+Protocol (shared by ``generate`` and ``evaluate``):
+
+* ``plan.json`` is written once per stage folder: the input's sha256, the shard count and each
+  shard's record range. A relaunch with another input or shard count is refused.
+* A task appends finished records to ``shards/00003.jsonl`` (one write + fsync per batch).
+  On start it truncates a torn last line and skips the keys already there.
+* When every assigned key is present, the shard is rewritten in plan order (atomically) and only
+  then ``completions/00003`` is created. A marker therefore always means a complete shard.
+* The merge streams the shards in plan order, checks every key once, and renames a fsync'd temp
+  file into place. Memory stays constant whatever the size of the shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cot.records import RecordError, atomic_open, atomic_write_text, dumps, fsync_dir
+
+Key = tuple[str, int]  # (record id, sample index)
+
+
+class PlanError(ValueError):
+    """The run folder holds a plan for another input or shard count, or shards are missing."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_name(index: int) -> str:
+    """Zero-padded shard name, e.g. ``00003``."""
+    return f"{index:05d}"
+
+
+@dataclass
+class Plan:
+    """Which records each shard owns; written once per stage folder."""
+
+    input: str
+    input_sha256: str
+    num_records: int
+    shards: int
+    samples: int
+    ranges: list[tuple[int, int]]
+    ids: list[str]
+    selection: dict[str, Any]
+
+    def keys(self, shard: int) -> list[Key]:
+        """The (id, sample) keys of a shard, in output order."""
+        lo, hi = self.ranges[shard]
+        return [(rid, s) for rid in self.ids[lo:hi] for s in range(self.samples)]
+
+    def to_json(self) -> str:
+        """Canonical JSON text."""
+        return json.dumps(self.__dict__, indent=1)
+
+
+def make_plan(
+    input_path: str | Path,
+    ids: list[str],
+    shards: int,
+    samples: int = 1,
+    selection: dict[str, Any] | None = None,
+) -> Plan:
+    """Contiguous, balanced ranges: shard i owns records [i*n//N, (i+1)*n//N)."""
+    n = len(ids)
+    if shards > n:
+        raise RecordError(
+            input_path, None, f"{shards} shards for {n} records: use --shards {n} or fewer"
+        )
+    ranges = [(i * n // shards, (i + 1) * n // shards) for i in range(shards)]
+    return Plan(
+        input=str(input_path),
+        input_sha256=sha256_file(input_path),
+        num_records=n,
+        shards=shards,
+        samples=samples,
+        ranges=ranges,
+        ids=ids,
+        selection=selection or {},
+    )
+
+
+def write_or_check_plan(stage_dir: Path, plan: Plan) -> Plan:
+    """Write ``plan.json`` once; on relaunch refuse a different input, selection or shard count."""
+    path = stage_dir / "plan.json"
+    if path.exists():
+        old = Plan(**json.loads(path.read_text(encoding="utf-8")))
+        old.ranges = [tuple(r) for r in old.ranges]  # type: ignore[misc]
+        problems = []
+        if old.input_sha256 != plan.input_sha256:
+            problems.append(
+                f"input {plan.input} (sha256 {plan.input_sha256[:12]}) differs from the planned "
+                f"input {old.input} (sha256 {old.input_sha256[:12]})"
+            )
+        if old.shards != plan.shards:
+            problems.append(f"--shards {plan.shards} differs from the planned {old.shards}")
+        if old.samples != plan.samples or old.selection != plan.selection:
+            problems.append("the record selection or samples per question differ from the plan")
+        if problems:
+            raise PlanError(
+                f"{path}: refusing to relaunch into this run folder: {'; '.join(problems)}. "
+                "Use a new --run-dir, or the original settings."
+            )
+        return old
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, plan.to_json())
+    return plan
+
+
+def load_plan(stage_dir: Path) -> Plan:
+    """Read a stage's plan."""
+    path = stage_dir / "plan.json"
+    if not path.exists():
+        raise PlanError(f"{path}: no plan here; was the stage launched into this run folder?")
+    plan = Plan(**json.loads(path.read_text(encoding="utf-8")))
+    plan.ranges = [tuple(r) for r in plan.ranges]  # type: ignore[misc]
+    return plan
+
+
+def shard_path(stage_dir: Path, shard: int) -> Path:
+    """``shards/00003.jsonl``."""
+    return stage_dir / "shards" / f"{shard_name(shard)}.jsonl"
+
+
+def marker_path(stage_dir: Path, shard: int) -> Path:
+    """``completions/00003``."""
+    return stage_dir / "completions" / shard_name(shard)
+
+
+def completed(stage_dir: Path) -> set[int]:
+    """Shards with a completion marker."""
+    folder = stage_dir / "completions"
+    if not folder.exists():
+        return set()
+    return {int(p.name) for p in folder.iterdir() if p.name.isdigit()}
+
+
+def incomplete(stage_dir: Path, plan: Plan) -> list[int]:
+    """Shards still to run, in order."""
+    done = completed(stage_dir)
+    return [i for i in range(plan.shards) if i not in done]
+
+
+def record_key(rec: dict[str, Any]) -> Key:
+    """(id, sample) of a record."""
+    return str(rec["id"]), int(rec.get("sample", 0))
+
+
+def recover_shard(path: Path) -> dict[Key, int]:
+    """Truncate a torn last line, then return the keys already written (key -> line number).
+
+    A line is torn when the writer died mid-write: it has no final newline, or is not valid
+    JSON. Only the last line can be torn, because each batch is one append followed by fsync.
+    """
+    if not path.exists():
+        return {}
+    keys: dict[Key, int] = {}
+    good_end = 0
+    with open(path, "rb+") as fh:
+        for lineno, raw in enumerate(iter(fh.readline, b""), start=1):
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                rec = json.loads(raw)
+                key = record_key(rec)
+            except (ValueError, KeyError, TypeError):
+                break
+            keys.setdefault(key, lineno)
+            good_end = fh.tell()
+        size = fh.seek(0, os.SEEK_END)
+        if size != good_end:
+            fh.truncate(good_end)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return keys
+
+
+def finish_shard(stage_dir: Path, plan: Plan, shard: int) -> int:
+    """Check the shard holds every key, rewrite it in plan order, then write the marker.
+
+    Returns the number of records. Raises PlanError when keys are missing (nothing is marked).
+    """
+    path = shard_path(stage_dir, shard)
+    wanted = plan.keys(shard)
+    by_key: dict[Key, str] = {}
+    if path.exists():
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                by_key.setdefault(record_key(json.loads(line)), line)
+    missing = [k for k in wanted if k not in by_key]
+    if missing:
+        raise PlanError(
+            f"{path}: shard {shard} is missing {len(missing)} records, e.g. {missing[0]}"
+        )
+    with atomic_open(path) as out:
+        for k in wanted:
+            out.write(by_key[k])
+    marker = marker_path(stage_dir, shard)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    with open(marker, "w") as fh:
+        fh.write(json.dumps({"records": len(wanted)}))
+        fh.flush()
+        os.fsync(fh.fileno())
+    fsync_dir(marker.parent)
+    return len(wanted)
+
+
+def iter_merged(stage_dir: Path, plan: Plan) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Stream (line, record) of every shard in plan order, checking each key once and in order.
+
+    Raises:
+        PlanError: listing shards without a marker, or naming a key out of place.
+    """
+    missing = incomplete(stage_dir, plan)
+    if missing:
+        names = ", ".join(shard_name(i) for i in missing[:20])
+        more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+        raise PlanError(
+            f"{stage_dir}: cannot merge, {len(missing)} of {plan.shards} shards are not complete "
+            f"({names}{more}); relaunch the same command to run only these"
+        )
+    for shard in range(plan.shards):
+        expected = iter(plan.keys(shard))
+        path = shard_path(stage_dir, shard)
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                rec = json.loads(line)
+                key = record_key(rec)
+                want = next(expected, None)
+                if key != want:
+                    raise PlanError(f"{path}:{lineno}: expected record {want}, found {key}")
+                yield line, rec
+        left = next(expected, None)
+        if left is not None:
+            raise PlanError(f"{path}: shard {shard} ends before record {left}")
+
+
+def write_merged(
+    stage_dir: Path,
+    plan: Plan,
+    outputs: Iterable[Path],
+    keep: Any = None,
+) -> dict[str, Any]:
+    """Merge shards into ``stage_dir/merged.jsonl`` atomically and copy it to each output.
+
+    Args:
+        keep: optional predicate on a record; records it rejects are left out (and counted).
+
+    Returns:
+        counts: total, kept, and kept/total per category.
+    """
+    merged = stage_dir / "merged.jsonl"
+    total = kept = 0
+    per_cat: dict[str, list[int]] = {}
+    with atomic_open(merged) as out:
+        for line, rec in iter_merged(stage_dir, plan):
+            total += 1
+            cat = per_cat.setdefault(str(rec.get("category", "all")), [0, 0])
+            cat[1] += 1
+            if keep is None or keep(rec):
+                out.write(line)
+                kept += 1
+                cat[0] += 1
+    for dest in outputs:
+        _copy_atomic(merged, Path(dest))
+    return {"total": total, "kept": kept, "per_category": per_cat}
+
+
+def _copy_atomic(src: Path, dest: Path, chunk: int = 1 << 20) -> None:
+    with open(src, "rb") as fin, atomic_open(dest, "wb") as fout:
+        while block := fin.read(chunk):
+            fout.write(block)
+
+
+def append_attempt(stage_dir: Path, shard: int, info: dict[str, Any]) -> int:
+    """Record one start of a shard task; returns how many starts there have been."""
+    path = stage_dir / "attempts" / shard_name(shard)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(dumps(info) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    with open(path, encoding="utf-8") as fh:
+        return sum(1 for _ in fh)

@@ -1,0 +1,198 @@
+"""Launching a sharded stage (``generate``, ``evaluate``): validate, plan, submit, merge, wait.
+
+1. Validate the input fully (file:line errors) and the model folder, before submitting anything.
+2. Write the plan once, or refuse a relaunch with another input or shard count.
+3. Submit only the shards with no marker and no live job, as one array per ``MaxArraySize``.
+4. Merge: an ``afterok`` job on SLURM, inline when local.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cot.records import read_questions
+from hpc import config as C
+from hpc import executor as E
+from hpc import runs
+from hpc import shards as S
+
+PATH_KEYS = ("teacher", "input", "output", "run_dir", "prompt_template", "base_model", "lora_model")
+
+
+class StageFailed(RuntimeError):
+    """Some shards or the merge failed for good; the message names them and their logs."""
+
+
+def poll_interval() -> float:
+    """Seconds between scheduler polls (COT_HPC_POLL_S; at least 30 s is polite on clusters)."""
+    return float(os.environ.get("COT_HPC_POLL_S", "30"))
+
+
+def job_payload(cfg: Any) -> dict[str, Any]:
+    """The config as a plain dict with absolute paths, for the job pickles."""
+    d = C.to_dict(cfg)
+    for k in PATH_KEYS:
+        if d.get(k):
+            d[k] = str(Path(d[k]).resolve())
+    return d
+
+
+def launch_sharded(
+    stage: str,
+    cfg: Any,
+    worker: Any,
+    *,
+    check_models: Callable[[], None],
+    keep: str = "all",
+    samples: int = 1,
+) -> int:
+    """Run a sharded stage end to end (or submit it on SLURM); returns an exit code."""
+    from jobs.merge import Merge, describe
+
+    run_dir = runs.make_run_dir(cfg.run_dir)
+    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
+    with runs.run_lock(run_dir):
+        records = read_questions(
+            cfg.input, start_index=cfg.start_index, num_samples=cfg.num_samples
+        )
+        check_models()
+        stage_dir = run_dir / stage
+        selection = {"start_index": cfg.start_index, "num_samples": cfg.num_samples}
+        plan = S.make_plan(cfg.input, [r["id"] for r in records], cfg.shards, samples, selection)
+        if keep == "correct" and not any("answer" in r for r in records):
+            raise C.ConfigError(f"{cfg.input}: --keep correct needs an `answer` field in the input")
+        plan = S.write_or_check_plan(stage_dir, plan)
+        C.save_resolved(run_dir, stage, cfg)
+        payload = job_payload(cfg)
+        outputs = [payload["output"]] if payload.get("output") else []
+        todo = S.incomplete(stage_dir, plan)
+        ex = E.Executor(cfg, run_dir / "logs", name=f"cot-{stage} {run_dir.name}")
+        print(f"{stage}: {plan.shards} shards, {len(todo)} to run, run folder {run_dir}")
+        if not todo:
+            counts = Merge()(str(run_dir), stage, outputs, keep)
+            print(describe(counts))
+            return 0
+        if ex.kind == "slurm":
+            return _submit_slurm(
+                stage, ex, run_dir, stage_dir, plan, todo, worker, payload, outputs, keep, cfg.wait
+            )
+        jobs = ex.submit_array([(worker, (payload, i)) for i in todo])
+        runs.record_launch(run_dir, stage, {"kind": "local", "shards": dict(zip(todo, _ids(jobs)))})
+        ex.drain_local()
+        failed = _failed_local(jobs, todo)
+        if failed:
+            raise StageFailed(_failure_text(stage, failed))
+        counts = Merge()(str(run_dir), stage, outputs, keep)
+        print(describe(counts))
+        return 0
+
+
+def _ids(jobs: list[Any]) -> list[str]:
+    return [str(j.job_id) for j in jobs]
+
+
+def _failed_local(jobs: list[Any], shards: list[int]) -> list[tuple[int, str, str]]:
+    failed = []
+    for shard, job in zip(shards, jobs):
+        try:
+            job.result()
+        except Exception as e:  # noqa: BLE001 - any job failure is reported with its log
+            last = str(e).strip().splitlines()[-1:] or ["failed"]
+            failed.append((shard, str(job.paths.stderr), last[0][:300]))
+    return failed
+
+
+def _failure_text(stage: str, failed: list[tuple[int, str, str]]) -> str:
+    lines = [f"{stage}: {len(failed)} shard(s) failed for good:"]
+    for shard, log, why in failed:
+        lines.append(f"  shard {S.shard_name(shard)}: {why}\n    log: {log}")
+    return "\n".join(lines)
+
+
+def _submit_slurm(
+    stage: str,
+    ex: E.Executor,
+    run_dir: Path,
+    stage_dir: Path,
+    plan: S.Plan,
+    todo: list[int],
+    worker: Any,
+    payload: dict[str, Any],
+    outputs: list[str],
+    keep: str,
+    wait: bool,
+) -> int:
+    from jobs.merge import Merge
+
+    known = runs.latest_jobs(run_dir, stage)["shards"]
+    states = E.job_states([known[i] for i in todo if i in known]) or {}
+    live = {i: known[i] for i in todo if states.get(known.get(i, ""), "") in E.ACTIVE_STATES}
+    if live:
+        print(
+            f"{stage}: {len(live)} shard(s) already queued or running, not resubmitted: "
+            + ", ".join(f"{S.shard_name(i)} (job {j})" for i, j in sorted(live.items()))
+        )
+    submit = [i for i in todo if i not in live]
+    jobs = ex.submit_array([(worker, (payload, i)) for i in submit]) if submit else []
+    deps = E.job_ids(jobs) + sorted({j.split("_")[0] for j in live.values()})
+    merge = ex.submit(Merge(), str(run_dir), stage, outputs, keep, dependency=deps)
+    shard_ids = dict(zip(submit, _ids(jobs)))
+    runs.record_launch(
+        run_dir,
+        stage,
+        {
+            "kind": "slurm",
+            "shards": shard_ids,
+            "merge": str(merge.job_id),
+            "arrays": E.job_ids(jobs),
+        },
+    )
+    print(
+        f"{stage}: submitted {len(submit)} shard(s) as array job(s) {', '.join(E.job_ids(jobs))}"
+        f"; merge job {merge.job_id} (afterok)"
+    )
+    print(f"  status: python -m hpc.launch status {run_dir}")
+    if not wait:
+        return 0
+    return wait_stage(run_dir, stage, stage_dir, plan, merge)
+
+
+def wait_stage(run_dir: Path, stage: str, stage_dir: Path, plan: S.Plan, merge: Any) -> int:
+    """Block until the merge job ends, printing shard progress; raise if a shard failed for good."""
+    from jobs.merge import describe
+
+    interval = poll_interval()
+    last = -1
+    while True:
+        done = len(S.completed(stage_dir))
+        if done != last:
+            print(f"{stage}: {done}/{plan.shards} shards complete", flush=True)
+            last = done
+        info = runs.latest_jobs(run_dir, stage)
+        ids = [*info["shards"].values(), str(merge.job_id)]
+        states = E.job_states(ids) or {}
+        merge_state = states.get(str(merge.job_id), "UNKNOWN")
+        if merge_state == "COMPLETED" or (merge.done() and merge.state == "COMPLETED"):
+            print(describe(merge.result()))
+            return 0
+        missing = S.incomplete(stage_dir, plan)
+        dead = [
+            (i, info["shards"][i])
+            for i in missing
+            if states.get(info["shards"].get(i, ""), "") in E.FAILED_STATES
+        ]
+        if dead or merge_state in E.FAILED_STATES:
+            failed = [(i, _log_of(run_dir, jid), f"job {jid} {states.get(jid)}") for i, jid in dead]
+            if not failed:
+                failed = [(-1, _log_of(run_dir, str(merge.job_id)), f"merge {merge_state}")]
+            raise StageFailed(_failure_text(stage, failed))
+        time.sleep(interval)
+
+
+def _log_of(run_dir: Path, job_id: str) -> str:
+    return str(run_dir / "logs" / f"{job_id}_0_log.err")

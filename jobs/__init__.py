@@ -1,0 +1,1 @@
+"""One submitit callable per stage: thin glue from a config to cot/ functions."""

@@ -1,0 +1,120 @@
+"""The shard loop shared by ``generate`` and ``evaluate``: resume, batch, append, mark.
+
+A task loads its model once, skips the keys already in its shard file (after dropping a torn
+last line), generates the rest in length-grouped batches, appends each batch with fsync, and
+writes the completion marker last. Preemption costs at most the batch in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cot.records import append_durable, read_questions
+from hpc import shards as S
+
+Item = tuple[dict[str, Any], int]  # (input record, sample index)
+
+
+def progress(total: int, initial: int, desc: str) -> Any:
+    """tqdm that reads well in a SLURM log: one line per >= 30 s when stdout is not a TTY."""
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        mininterval=0.5 if tty else 30.0,
+        dynamic_ncols=tty,
+        ascii=not tty,
+    )
+
+
+def batch_seed(seed: int, keys: list[S.Key]) -> int:
+    """A sampling seed that depends only on the batch's keys, so a rerun samples the same."""
+    h = hashlib.sha256(f"{seed}:{keys}".encode()).hexdigest()
+    return int(h[:8], 16)
+
+
+def task_info() -> dict[str, Any]:
+    """Who is running this attempt (logged in attempts/<shard>)."""
+    env = os.environ
+    return {
+        "event": "start",
+        "time": time.time(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "job_id": env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID"),
+        "array_job_id": env.get("SLURM_ARRAY_JOB_ID"),
+        "array_task_id": env.get("SLURM_ARRAY_TASK_ID"),
+        "restart_count": int(env.get("SLURM_RESTART_COUNT", "0")),
+    }
+
+
+def run_shard(
+    stage_dir: Path,
+    shard: int,
+    *,
+    input_path: str,
+    start_index: int,
+    num_samples: int | None,
+    batch_size: int,
+    seed: int,
+    load: Callable[[], tuple[Any, Any]],
+    prompt_of: Callable[[dict[str, Any]], str],
+    generate: Callable[[Any, Any, list[str], int], tuple[list[str], int]],
+    to_record: Callable[[dict[str, Any], int, str], dict[str, Any]],
+) -> dict[str, Any]:
+    """Run (or resume) one shard; returns counts. Idempotent once the marker exists."""
+    if S.marker_path(stage_dir, shard).exists():
+        return {"shard": shard, "status": "already complete"}
+    plan = S.load_plan(stage_dir)
+    if S.sha256_file(input_path) != plan.input_sha256:
+        raise S.PlanError(
+            f"{input_path}: the input changed since the launch (sha256 differs from "
+            f"{stage_dir / 'plan.json'}); relaunch into a new --run-dir"
+        )
+    S.append_attempt(stage_dir, shard, task_info())
+    path = S.shard_path(stage_dir, shard)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = S.recover_shard(path)
+    lo, hi = plan.ranges[shard]
+    records = read_questions(input_path, start_index=start_index, num_samples=num_samples)[lo:hi]
+    wanted = plan.keys(shard)
+    by_id = {r["id"]: r for r in records}
+    todo: list[Item] = [(by_id[rid], s) for rid, s in wanted if (rid, s) not in done]
+    print(
+        f"shard {shard}: {len(wanted)} records, {len(done)} already on disk, {len(todo)} to go",
+        flush=True,
+    )
+    if todo:
+        model, tokenizer = load()
+        prompts = {id(item): prompt_of(item[0]) for item in todo}
+        lengths = {k: len(tokenizer(p)["input_ids"]) for k, p in prompts.items()}
+        from cot.generation import length_grouped
+
+        batches = length_grouped(todo, lambda it: lengths[id(it)], batch_size)
+        bar = progress(len(wanted), len(wanted) - len(todo), f"shard {shard}")
+        tokens, t0 = 0, time.time()
+        with open(path, "a", encoding="utf-8") as out:
+            for batch in batches:
+                keys = [(it[0]["id"], it[1]) for it in batch]
+                S.append_attempt(stage_dir, shard, {"event": "batch", "n": len(batch)})
+                texts, n_tok = generate(
+                    model, tokenizer, [prompts[id(it)] for it in batch], batch_seed(seed, keys)
+                )
+                tokens += n_tok
+                append_durable(out, [to_record(it[0], it[1], t) for it, t in zip(batch, texts)])
+                bar.update(len(batch))
+        bar.close()
+        dt = time.time() - t0
+        print(f"shard {shard}: {len(todo)} records, {tokens} tokens in {dt:.1f}s", flush=True)
+    n = S.finish_shard(stage_dir, plan, shard)
+    return {"shard": shard, "status": "complete", "records": n, "generated": len(todo)}
