@@ -51,6 +51,19 @@ def check_model_dir(path: str | Path, *, need_weights: bool = True) -> Path:
     return p.resolve()
 
 
+def check_adapter_dir(path: str | Path) -> Path:
+    """Return a LoRA adapter folder, or raise ModelError naming it and what is missing."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ModelError(f"adapter folder {p} does not exist (train one with `hpc.launch train`)")
+    missing = [f for f in ("adapter_config.json",) if not (p / f).is_file()]
+    if not any(p.glob("adapter_model.*")):
+        missing.append("adapter_model.safetensors")
+    if missing:
+        raise ModelError(f"adapter folder {p} is incomplete: missing {', '.join(missing)}")
+    return p.resolve()
+
+
 def check_remote_code(path: Path, trust_remote_code: bool) -> None:
     """Refuse a model that ships its own code unless the user asked for it by flag."""
     cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))

@@ -120,11 +120,72 @@ class GenerateConfig(ClusterFields):
     seed: int = opt(0, "sampling seed", check=NONNEG)
 
 
+@dataclass
+class TrainConfig(ClusterFields):
+    """`train`: multi-node LoRA with DeepSpeed ZeRO-2, resumable from complete checkpoints."""
+
+    student: str = opt("models/tiny/student", "student model folder", aliases=("--student_dir",))
+    data: str | None = opt(None, "training JSONL with question + cot (default: generate's merge)")
+    out_dir: str | None = opt(None, "adapter and metrics (default: RUN_DIR/train)")
+    nodes: int = opt(1, "nodes", check=POSITIVE)
+    tasks_per_node: int | None = opt(None, "processes per node (default: one per GPU, else 1)")
+    gpus_per_node: int | None = opt(None, "GPUs per node (default: gpus_per_task)", check=NONNEG)
+    epochs: float = opt(3.0, "training epochs", check=POSITIVE, aliases=("--num_train_epochs",))
+    max_steps: int | None = opt(None, "stop after this many optimizer steps", check=POSITIVE)
+    lr: float = opt(2.0e-4, "learning rate", check=POSITIVE, aliases=("--learning_rate",))
+    per_device_train_batch_size: int = opt(2, "micro-batch per process", check=POSITIVE)
+    gradient_accumulation_steps: int = opt(4, "micro-batches per optimizer step", check=POSITIVE)
+    r: int = opt(8, "LoRA rank", check=POSITIVE, aliases=("--lora_r",))
+    lora_alpha: int = opt(16, "LoRA alpha", check=POSITIVE)
+    lora_dropout: float = opt(0.05, "LoRA dropout", check=NONNEG)
+    max_length: int = opt(1024, "tokens per example", check=POSITIVE)
+    overlong: str = opt("truncate", "records over max_length", choices=("truncate", "drop"))
+    quant: str = opt(
+        "auto", "auto: NF4 only where CUDA is present", choices=("auto", "nf4", "none")
+    )
+    optim: str = opt(
+        "auto",
+        "auto: paged_adamw_8bit where CUDA is present, else adamw_torch",
+        choices=("auto", "paged_adamw_8bit", "adamw_torch"),
+    )
+    deepspeed: str | None = opt("templates/ds_zero2.json", "DeepSpeed config ('' or null: DDP)")
+    save_steps: int = opt(50, "checkpoint every S optimizer steps", check=POSITIVE)
+    save_total_limit: int = opt(2, "keep the last K checkpoints", check=POSITIVE)
+    logging_steps: int = opt(5, "log metrics every N steps", check=POSITIVE)
+    gradient_checkpointing: bool = opt(False, "trade compute for memory")
+    resume_from_checkpoint: str | None = opt(None, "a checkpoint folder (default: the latest)")
+    trust_remote_code: bool = opt(False, "allow model code shipped in the model folder")
+    seed: int = opt(42, "seed for LoRA init, data order and dropout", check=NONNEG)
+
+
+@dataclass
+class EvaluateConfig(ClusterFields):
+    """`evaluate`: sharded scoring of the student (with or without the adapter)."""
+
+    base_model: str = opt("models/tiny/student", "student base model folder")
+    lora_model: str | None = opt(None, "LoRA adapter folder (none: score the base model)")
+    input: str = opt("data/test_questions.jsonl", "test questions with `answer`")
+    output: str | None = opt(None, "predictions (default: RUN_DIR/evaluate/merged.jsonl)")
+    shards: int = opt(1, "array tasks", check=POSITIVE)
+    batch_size: int = opt(16, "sequences per generate call", check=POSITIVE)
+    max_new_tokens: int = opt(256, "new-token cap per answer", check=POSITIVE)
+    compare_base: bool = opt(False, "also score the base student and show the difference")
+    start_index: int = opt(0, "first input record to use", check=NONNEG)
+    num_samples: int | None = opt(None, "number of input records to use", check=POSITIVE)
+    quant: str = opt(
+        "auto", "auto: NF4 only where CUDA is present", choices=("auto", "nf4", "none")
+    )
+    trust_remote_code: bool = opt(False, "allow model code shipped in the model folder")
+    seed: int = opt(0, "seed", check=NONNEG)
+
+
 STAGES: dict[str, type] = {
     "data": DataConfig,
     "tiny_models": TinyModelsConfig,
     "download": DownloadConfig,
     "generate": GenerateConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
 }
 
 C = TypeVar("C")

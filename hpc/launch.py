@@ -154,6 +154,54 @@ def cmd_generate(cfg: C.GenerateConfig, ns: argparse.Namespace) -> int:
     )
 
 
+def cmd_evaluate(cfg: C.EvaluateConfig, ns: argparse.Namespace) -> int:
+    """Sharded scoring of the student (and optionally the base student), then the report."""
+    import dataclasses
+
+    from cot.models import check_adapter_dir, check_model_dir, check_remote_code
+    from hpc import runs
+    from hpc.stage import submit_after, submit_sharded, wait_stage
+    from jobs.evaluate import EvaluateShard
+    from jobs.report import Report
+
+    def check_models() -> None:
+        check_remote_code(check_model_dir(cfg.base_model), cfg.trust_remote_code)
+        if cfg.lora_model:
+            check_adapter_dir(cfg.lora_model)
+
+    run_dir = runs.make_run_dir(cfg.run_dir)
+    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
+    with runs.run_lock(run_dir):
+        subs = [submit_sharded("evaluate", cfg, EvaluateShard(), check_models=check_models)]
+        if cfg.compare_base:
+            base_cfg = dataclasses.replace(cfg, lora_model=None, output=None)
+            subs.append(
+                submit_sharded("evaluate_base", base_cfg, EvaluateShard(), check_models=check_models)
+            )
+        deps = [d for s in subs for d in s.dependency]
+        job, report = submit_after(
+            cfg, run_dir, "report", Report(), (str(run_dir), cfg.compare_base), deps, subs[0].kind
+        )
+    if job is not None:
+        if not cfg.wait:
+            return 0
+        for sub in subs:
+            if sub.merge_job is not None:
+                wait_stage(sub)
+        report = job.result()
+    print(f"report: {run_dir / 'results' / 'report.md'}")
+    o = report["student"]["overall"]
+    print(f"accuracy {o['accuracy']:.1%}  format compliance {o['format_compliance']:.1%}  n={o['n']}")
+    return 0
+
+
+def cmd_train(cfg: C.TrainConfig, ns: argparse.Namespace) -> int:
+    """Multi-node LoRA training (one job, nodes x tasks_per_node processes)."""
+    from hpc.train_stage import launch_train
+
+    return launch_train(cfg)
+
+
 def cmd_merge(ns: argparse.Namespace) -> int:
     """Merge a stage's shards by hand (normally a dependent job does it)."""
     import yaml
@@ -205,6 +253,18 @@ COMMANDS: dict[str, tuple[str, type, Handler, str]] = {
         cmd_generate,
         "sharded, resumable teacher generation as one job array, then a verified merge",
     ),
+    "train": (
+        "train",
+        C.TrainConfig,
+        cmd_train,
+        "multi-node LoRA training (DeepSpeed ZeRO-2), resumable from complete checkpoints",
+    ),
+    "evaluate": (
+        "evaluate",
+        C.EvaluateConfig,
+        cmd_evaluate,
+        "sharded evaluation of the student, merged into a report",
+    ),
 }
 
 
@@ -223,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_dataclass_flags(p, cls)
     p = sub.add_parser("merge", help="merge a stage's completed shards (checks every record)")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--stage", default="generate", choices=("generate", "evaluate"))
+    p.add_argument("--stage", default="generate", choices=("generate", "evaluate", "evaluate_base"))
     p.add_argument("--output", help="also copy the merged file here (atomically)")
     p.add_argument("--keep", choices=("all", "correct"), help="default: the launch's --keep")
     p = sub.add_parser("status", help="where a run stands: shards, records, requeues, jobs")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,25 @@ def job_payload(cfg: Any) -> dict[str, Any]:
     return d
 
 
-def launch_sharded(
+@dataclass
+class Submitted:
+    """What a stage launch did: on SLURM the jobs to depend on; locally, the finished merge."""
+
+    stage: str
+    kind: str
+    run_dir: Path
+    plan: S.Plan
+    merge_job: Any | None = None
+    array_ids: list[str] = dataclasses.field(default_factory=list)
+    summary: dict[str, Any] | None = None
+
+    @property
+    def dependency(self) -> list[str]:
+        """Job ids a later stage must wait for (none when the stage already finished)."""
+        return [str(self.merge_job.job_id)] if self.merge_job is not None else []
+
+
+def submit_sharded(
     stage: str,
     cfg: Any,
     worker: Any,
@@ -50,46 +69,79 @@ def launch_sharded(
     check_models: Callable[[], None],
     keep: str = "all",
     samples: int = 1,
-) -> int:
-    """Run a sharded stage end to end (or submit it on SLURM); returns an exit code."""
+    dependency: Sequence[str] = (),
+    kind: str | None = None,
+    validate_input: bool = True,
+) -> Submitted:
+    """Plan and submit a sharded stage; locally it runs to the end (merge included).
+
+    The caller holds the run lock. Bad input or a missing model stops here, before any job.
+    """
     from jobs.merge import Merge, describe
 
+    run_dir = Path(cfg.run_dir)
+    records = read_questions(cfg.input, start_index=cfg.start_index, num_samples=cfg.num_samples)
+    if validate_input:
+        check_models()
+    stage_dir = run_dir / stage
+    selection = {"start_index": cfg.start_index, "num_samples": cfg.num_samples}
+    plan = S.make_plan(cfg.input, [r["id"] for r in records], cfg.shards, samples, selection)
+    if keep == "correct" and not any("answer" in r for r in records):
+        raise C.ConfigError(f"{cfg.input}: --keep correct needs an `answer` field in the input")
+    plan = S.write_or_check_plan(stage_dir, plan)
+    C.save_resolved(run_dir, stage, cfg)
+    payload = job_payload(cfg)
+    outputs = [payload["output"]] if payload.get("output") else []
+    todo = S.incomplete(stage_dir, plan)
+    ex = E.Executor(cfg, run_dir / "logs", name=f"cot-{stage} {run_dir.name}", kind=kind)
+    print(f"{stage}: {plan.shards} shards, {len(todo)} to run, run folder {run_dir}")
+    done = Submitted(stage, ex.kind, run_dir, plan)
+    if not todo:
+        if not (stage_dir / "merge.json").exists() or outputs:
+            done.summary = Merge()(str(run_dir), stage, outputs, keep)
+            print(describe(done.summary))
+        else:
+            print(f"{stage}: already complete and merged")
+        return done
+    if ex.kind == "slurm":
+        return _submit_slurm(done, ex, todo, worker, payload, outputs, keep, dependency)
+    jobs = ex.submit_array([(worker, (payload, i, stage)) for i in todo])
+    runs.record_launch(run_dir, stage, {"kind": "local", "shards": dict(zip(todo, _ids(jobs)))})
+    ex.drain_local()
+    failed = _failed_local(jobs, todo)
+    if failed:
+        raise StageFailed(_failure_text(stage, failed))
+    done.summary = Merge()(str(run_dir), stage, outputs, keep)
+    print(describe(done.summary))
+    return done
+
+
+def launch_sharded(stage: str, cfg: Any, worker: Any, **kwargs: Any) -> int:
+    """The ``generate``/``evaluate`` command: lock the run folder, submit, optionally wait."""
     run_dir = runs.make_run_dir(cfg.run_dir)
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
     with runs.run_lock(run_dir):
-        records = read_questions(
-            cfg.input, start_index=cfg.start_index, num_samples=cfg.num_samples
-        )
-        check_models()
-        stage_dir = run_dir / stage
-        selection = {"start_index": cfg.start_index, "num_samples": cfg.num_samples}
-        plan = S.make_plan(cfg.input, [r["id"] for r in records], cfg.shards, samples, selection)
-        if keep == "correct" and not any("answer" in r for r in records):
-            raise C.ConfigError(f"{cfg.input}: --keep correct needs an `answer` field in the input")
-        plan = S.write_or_check_plan(stage_dir, plan)
-        C.save_resolved(run_dir, stage, cfg)
-        payload = job_payload(cfg)
-        outputs = [payload["output"]] if payload.get("output") else []
-        todo = S.incomplete(stage_dir, plan)
-        ex = E.Executor(cfg, run_dir / "logs", name=f"cot-{stage} {run_dir.name}")
-        print(f"{stage}: {plan.shards} shards, {len(todo)} to run, run folder {run_dir}")
-        if not todo:
-            counts = Merge()(str(run_dir), stage, outputs, keep)
-            print(describe(counts))
-            return 0
-        if ex.kind == "slurm":
-            return _submit_slurm(
-                stage, ex, run_dir, stage_dir, plan, todo, worker, payload, outputs, keep, cfg.wait
-            )
-        jobs = ex.submit_array([(worker, (payload, i)) for i in todo])
-        runs.record_launch(run_dir, stage, {"kind": "local", "shards": dict(zip(todo, _ids(jobs)))})
-        ex.drain_local()
-        failed = _failed_local(jobs, todo)
-        if failed:
-            raise StageFailed(_failure_text(stage, failed))
-        counts = Merge()(str(run_dir), stage, outputs, keep)
-        print(describe(counts))
-        return 0
+        sub = submit_sharded(stage, cfg, worker, **kwargs)
+    if sub.merge_job is not None and cfg.wait:
+        wait_stage(sub)
+    return 0
+
+
+def submit_after(
+    cfg: Any, run_dir: Path, name: str, fn: Any, args: tuple[Any, ...], dependency: Sequence[str],
+    kind: str,
+) -> tuple[Any | None, Any]:
+    """Run a single-task step after ``dependency``: a SLURM job (afterok), or inline locally.
+
+    Returns (job, None) on SLURM and (None, result) locally.
+    """
+    if kind != "slurm":
+        return None, fn(*args)
+    ex = E.Executor(cfg, run_dir / "logs", name=f"cot-{name} {run_dir.name}", kind=kind)
+    job = ex.submit(fn, *args, dependency=dependency)
+    runs.record_launch(run_dir, name, {"kind": kind, "job": str(job.job_id)})
+    print(f"{name}: job {job.job_id} (afterok {', '.join(dependency) or 'nothing'})")
+    return job, None
 
 
 def _ids(jobs: list[Any]) -> list[str]:
@@ -115,20 +167,18 @@ def _failure_text(stage: str, failed: list[tuple[int, str, str]]) -> str:
 
 
 def _submit_slurm(
-    stage: str,
+    done: Submitted,
     ex: E.Executor,
-    run_dir: Path,
-    stage_dir: Path,
-    plan: S.Plan,
     todo: list[int],
     worker: Any,
     payload: dict[str, Any],
     outputs: list[str],
     keep: str,
-    wait: bool,
-) -> int:
+    dependency: Sequence[str],
+) -> Submitted:
     from jobs.merge import Merge
 
+    stage, run_dir = done.stage, done.run_dir
     known = runs.latest_jobs(run_dir, stage)["shards"]
     states = E.job_states([known[i] for i in todo if i in known]) or {}
     live = {i: known[i] for i in todo if states.get(known.get(i, ""), "") in E.ACTIVE_STATES}
@@ -138,34 +188,36 @@ def _submit_slurm(
             + ", ".join(f"{S.shard_name(i)} (job {j})" for i, j in sorted(live.items()))
         )
     submit = [i for i in todo if i not in live]
-    jobs = ex.submit_array([(worker, (payload, i)) for i in submit]) if submit else []
+    calls = [(worker, (payload, i, stage)) for i in submit]
+    jobs = ex.submit_array(calls, dependency=dependency) if submit else []
     deps = E.job_ids(jobs) + sorted({j.split("_")[0] for j in live.values()})
     merge = ex.submit(Merge(), str(run_dir), stage, outputs, keep, dependency=deps)
-    shard_ids = dict(zip(submit, _ids(jobs)))
+    done.merge_job, done.array_ids = merge, E.job_ids(jobs)
     runs.record_launch(
         run_dir,
         stage,
         {
             "kind": "slurm",
-            "shards": shard_ids,
+            "shards": dict(zip(submit, _ids(jobs))),
             "merge": str(merge.job_id),
-            "arrays": E.job_ids(jobs),
+            "arrays": done.array_ids,
         },
     )
+    arrays = ", ".join(done.array_ids) or "none"
     print(
-        f"{stage}: submitted {len(submit)} shard(s) as array job(s) {', '.join(E.job_ids(jobs))}"
-        f"; merge job {merge.job_id} (afterok)"
+        f"{stage}: submitted {len(submit)} shard(s) as array job(s) {arrays}; "
+        f"merge job {merge.job_id} (afterok)"
     )
     print(f"  status: python -m hpc.launch status {run_dir}")
-    if not wait:
-        return 0
-    return wait_stage(run_dir, stage, stage_dir, plan, merge)
+    return done
 
 
-def wait_stage(run_dir: Path, stage: str, stage_dir: Path, plan: S.Plan, merge: Any) -> int:
+def wait_stage(sub: Submitted) -> dict[str, Any]:
     """Block until the merge job ends, printing shard progress; raise if a shard failed for good."""
     from jobs.merge import describe
 
+    stage, run_dir, plan, merge = sub.stage, sub.run_dir, sub.plan, sub.merge_job
+    stage_dir = run_dir / stage
     interval = poll_interval()
     last = -1
     while True:
@@ -177,9 +229,10 @@ def wait_stage(run_dir: Path, stage: str, stage_dir: Path, plan: S.Plan, merge: 
         ids = [*info["shards"].values(), str(merge.job_id)]
         states = E.job_states(ids) or {}
         merge_state = states.get(str(merge.job_id), "UNKNOWN")
-        if merge_state == "COMPLETED" or (merge.done() and merge.state == "COMPLETED"):
-            print(describe(merge.result()))
-            return 0
+        if merge_state == "COMPLETED":
+            summary: dict[str, Any] = merge.result()
+            print(describe(summary))
+            return summary
         missing = S.incomplete(stage_dir, plan)
         dead = [
             (i, info["shards"][i])

@@ -20,7 +20,7 @@ STAGE = "generate"
 class GenerateShard(submitit.helpers.Checkpointable):
     """Generate teacher traces for shard ``shard`` of the plan in ``RUN_DIR/generate``."""
 
-    def __call__(self, cfg: dict[str, Any], shard: int) -> dict[str, Any]:
+    def __call__(self, cfg: dict[str, Any], shard: int, stage: str = STAGE) -> dict[str, Any]:
         import torch
 
         from cot.answers import answers_match, extract_final_answer
@@ -65,7 +65,7 @@ class GenerateShard(submitit.helpers.Checkpointable):
             return out
 
         return run_shard(
-            Path(cfg["run_dir"]) / STAGE,
+            Path(cfg["run_dir"]) / stage,
             shard,
             input_path=cfg["input"],
             start_index=cfg["start_index"],

@@ -15,9 +15,9 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -93,7 +93,7 @@ class SlurmCluster:
             raise
 
     @contextlib.contextmanager
-    def max_array_size_set(self, max_array_size: int) -> Iterator["SlurmCluster"]:
+    def max_array_size_set(self, max_array_size: int) -> Iterator[SlurmCluster]:
         """Temporarily set MaxArraySize; the previous value is restored on exit."""
         previous = self.max_array_size
         self.reconfigure(max_array_size)

@@ -200,7 +200,7 @@ StorageLoc=slurm_acct_db"
 DB_ARGS=(--no-defaults --user=root --datadir="$S/db/data" --socket="$DB_SOCK"
          --port="$DB_PORT" --bind-address=127.0.0.1 --skip-name-resolve
          --pid-file="$S/run/mariadbd.pid" --log-error="$S/log/mariadbd.log"
-         --innodb-buffer-pool-size=32M --max-connections=50)
+         --innodb-buffer-pool-size=32M --innodb-log-file-size=8M --max-connections=50)
 
 printf 'export SLURM_CONF=%s\n' "$CONF" >"$S/env.sh.tmp" && mv -f "$S/env.sh.tmp" "$S/env.sh"
 

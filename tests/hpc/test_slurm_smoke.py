@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -26,7 +27,12 @@ def slurm_vars(item: int) -> dict[str, Any]:
         "item": item,
         **{
             k: os.environ.get(k)
-            for k in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID", "SLURMD_NODENAME")
+            for k in (
+                "SLURM_ARRAY_TASK_ID",
+                "SLURM_ARRAY_JOB_ID",
+                "SLURM_JOB_ID",
+                "SLURMD_NODENAME",
+            )
         },
     }
 
@@ -54,7 +60,7 @@ def add(a: int, b: int) -> int:
 # ---- helpers
 
 
-def _executor(folder: Path, **params: Any) -> "submitit.AutoExecutor":
+def _executor(folder: Path, **params: Any) -> submitit.AutoExecutor:
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
     executor.update_parameters(
         slurm_partition="debug",
@@ -72,10 +78,8 @@ def _wait(jobs: list, deadline_s: float = DEADLINE_S) -> None:
     while not all(job.done(force_check=True) for job in jobs):
         if time.monotonic() > end:
             for job in jobs:
-                try:
+                with contextlib.suppress(Exception):  # best effort
                     job.cancel(check=False)
-                except Exception:  # noqa: BLE001 - best effort
-                    pass
             states = {job.job_id: job.state for job in jobs}
             pytest.fail(f"jobs not done after {deadline_s:.0f}s: {states}")
         time.sleep(0.5)
@@ -106,7 +110,7 @@ def test_map_array_four_tasks(slurm_cluster, tmp_path: Path) -> None:
     array_ids = {r["SLURM_ARRAY_JOB_ID"] for r in results}
     assert len(array_ids) == 1
     (array_id,) = array_ids
-    for task, (job, r) in enumerate(zip(jobs, results)):
+    for task, (job, r) in enumerate(zip(jobs, results, strict=True)):
         assert job.job_id == f"{array_id}_{task}"
         assert r["SLURM_JOB_ID"] and r["SLURM_JOB_ID"].isdigit()
         assert r["SLURMD_NODENAME"] in {"n1", "n2"}
@@ -141,4 +145,5 @@ def test_sacct_shows_completed(slurm_cluster, tmp_path: Path) -> None:
         time.sleep(0.5)
         state = _sacct_state(job.job_id)
     assert state == "COMPLETED"
-    assert job.state == "COMPLETED"
+    # job.state is cached by submitit and can lag; force an sacct call.
+    assert job.get_info(mode="force").get("State") == "COMPLETED"

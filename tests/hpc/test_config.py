@@ -1,0 +1,110 @@
+"""Config resolution: defaults < YAML cluster: < YAML <stage>: < flags, with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hpc import config as C
+from hpc.launch import build_parser, main
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_precedence_defaults_cluster_stage_flags(tmp_path: Path) -> None:
+    p = write(
+        tmp_path,
+        "cluster:\n  partition: gpu\n  time_min: 30\ngenerate:\n  time_min: 90\n  batch_size: 8\n",
+    )
+    cfg = C.load_config(C.GenerateConfig, "generate", p, {"batch_size": 4})
+    assert cfg.partition == "gpu"  # from cluster:
+    assert cfg.time_min == 90  # generate: beats cluster:
+    assert cfg.batch_size == 4  # the flag beats the file
+    assert cfg.max_new_tokens == 512  # dataclass default
+
+
+def test_unknown_key_names_key_file_and_line(tmp_path: Path) -> None:
+    p = write(tmp_path, "generate:\n  batch_size: 8\n  bach_size: 4\n")
+    with pytest.raises(C.ConfigError) as e:
+        C.load_config(C.GenerateConfig, "generate", p)
+    msg = str(e.value)
+    assert f"{p}:3" in msg and "bach_size" in msg and "unknown key" in msg
+
+
+def test_unknown_section(tmp_path: Path) -> None:
+    p = write(tmp_path, "genrate:\n  batch_size: 8\n")
+    with pytest.raises(C.ConfigError, match="unknown section 'genrate'"):
+        C.load_config(C.GenerateConfig, "generate", p)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("train:\n  lr: -1.0e-4\n", "'lr' must be > 0"),
+        ("generate:\n  shards: 0\n", "'shards' must be > 0"),
+        ("generate:\n  batch_size: eight\n", "'batch_size' must be int"),
+        ("generate:\n  keep: some\n", "'keep' must be one of"),
+        ("cluster:\n  time_min: 1.5\n", "'time_min' must be int"),
+        ("generate:\n  trust_remote_code: 1\n", "'trust_remote_code' must be bool"),
+    ],
+)
+def test_bad_values(tmp_path: Path, text: str, needle: str) -> None:
+    p = write(tmp_path, text)
+    stage = text.split(":")[0]
+    cls = {"train": C.TrainConfig, "generate": C.GenerateConfig, "cluster": C.GenerateConfig}[stage]
+    with pytest.raises(C.ConfigError) as e:
+        C.load_config(cls, "generate" if stage == "cluster" else stage, p)
+    assert needle in str(e.value) and str(p) in str(e.value)
+
+
+def test_yaml_float_written_as_1e_4_is_rejected_not_misread(tmp_path: Path) -> None:
+    # PyYAML reads 1e-4 as a string; the error must say so rather than train with a string.
+    p = write(tmp_path, "train:\n  lr: 1e-4\n")
+    with pytest.raises(C.ConfigError, match="'lr' must be float"):
+        C.load_config(C.TrainConfig, "train", p)
+
+
+def test_seed_underscore_aliases_parse() -> None:
+    parser = build_parser()
+    ns = parser.parse_args(
+        ["generate", "--teacher_dir", "T", "--max_new_tokens", "7", "--start_index", "3",
+         "--num_samples", "5"]
+    )
+    assert (ns.teacher, ns.max_new_tokens, ns.start_index, ns.num_samples) == ("T", 7, 3, 5)
+    ns = parser.parse_args(
+        ["train", "--student_dir", "S", "--per_device_train_batch_size", "3", "--lora_alpha",
+         "32", "--out_dir", "O", "--max_length", "64", "--resume_from_checkpoint", "ck"]
+    )
+    assert (ns.student, ns.per_device_train_batch_size, ns.lora_alpha) == ("S", 3, 32)
+    assert (ns.out_dir, ns.max_length, ns.resume_from_checkpoint) == ("O", 64, "ck")
+
+
+def test_cli_bad_config_exits_nonzero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = write(tmp_path, "data:\n  seeed: 1\n")
+    assert main(["data", "--config", str(p), "--out-dir", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "seeed" in err and str(p) in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_resolved_config_saved(tmp_path: Path) -> None:
+    cfg = C.load_config(C.GenerateConfig, "generate", None, {"shards": 3})
+    C.save_resolved(tmp_path, "generate", cfg)
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["generate"]["shards"] == 3 and saved["generate"]["batch_size"] == 16
+
+
+def test_templates_load_cleanly() -> None:
+    for path in sorted(C.TEMPLATES.rglob("*.yaml")):
+        text = path.read_text()
+        assert text.startswith("#"), f"{path} must start with a comment naming its command"
+        if "cluster/" in str(path) or "accelerate" in path.name:
+            continue
+        for stage, cls in C.STAGES.items():
+            C.load_config(cls, stage, path)
