@@ -202,6 +202,14 @@ def cmd_train(cfg: C.TrainConfig, ns: argparse.Namespace) -> int:
     return launch_train(cfg)
 
 
+def cmd_pipeline(ns: argparse.Namespace) -> int:
+    """Every stage as one chain of dependent jobs (SLURM) or in the foreground (local)."""
+    from hpc.pipeline import parse_sets, resolve, run_pipeline
+
+    common = _overrides(ns, C.ClusterFields)
+    return run_pipeline(resolve(ns.config, parse_sets(ns.set or []), common))
+
+
 def cmd_merge(ns: argparse.Namespace) -> int:
     """Merge a stage's shards by hand (normally a dependent job does it)."""
     import yaml
@@ -281,6 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         _config_flag(p)
         _add_dataclass_flags(p, cls)
+    p = sub.add_parser(
+        "pipeline",
+        help="data -> generate -> merge -> train -> evaluate -> report, as dependent jobs",
+        description="Submit every stage at once (SLURM, afterok chain) or run them in order "
+        "(local). Rerunning skips complete stages. Cluster flags apply to every stage; "
+        "--set STAGE.KEY=VALUE overrides one stage, e.g. --set generate.shards=8.",
+    )
+    _config_flag(p)
+    _add_dataclass_flags(p, C.ClusterFields)
+    p.add_argument("--set", action="append", metavar="STAGE.KEY=VALUE", help="per-stage override")
     p = sub.add_parser("merge", help="merge a stage's completed shards (checks every record)")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--stage", default="generate", choices=("generate", "evaluate", "evaluate_base"))
@@ -311,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_merge(ns)
         if ns.command == "status":
             return cmd_status(ns)
+        if ns.command == "pipeline":
+            return cmd_pipeline(ns)
         section, cls, handler, _ = COMMANDS[ns.command]
         cfg = C.load_config(cls, section, ns.config, _overrides(ns, cls))
         return handler(cfg, ns)

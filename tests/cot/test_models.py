@@ -1,0 +1,109 @@
+"""The offline loader, the tiny-model builder and the tokenizer round trip."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cot.models import ModelError, check_model_dir, load_model, load_tokenizer, resolve_quant
+
+
+def test_tokenizer_round_trip_ids_identical(tmp_path: Path, dataset_dir: Path) -> None:
+    """Encode, save, reload through AutoTokenizer, encode again: ids must be identical."""
+    from cot.models import train_tokenizer
+    from cot.records import read_questions
+
+    recs = read_questions(dataset_dir / "raw_questions.jsonl")
+    texts = [r["question"] + "\n" + r["reference_cot"] for r in recs]
+    tok = train_tokenizer(texts[:200])
+    probe = texts[200:] + ["  Final Answer: 3/4\n\n", "x = -12.50 km/h (15 years old)", "é ü 日本"]
+    before = [tok(t)["input_ids"] for t in probe]
+    tok.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    again = load_tokenizer(tmp_path)
+    after = [again(t)["input_ids"] for t in probe]
+    assert before == after
+    assert type(again).__name__ == "Qwen2Tokenizer"
+    assert [again.decode(ids) for ids in after] == probe  # byte-level: lossless
+
+
+def test_loader_offline_and_left_padding(tiny_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # any network use would fail
+    tok = load_tokenizer(tiny_models / "teacher")
+    assert tok.padding_side == "left" and tok.pad_token is not None
+    model = load_model(tiny_models / "teacher", quant="none")
+    assert model.config.model_type == "qwen2" and not model.training
+
+
+def test_pad_falls_back_to_eos(tiny_models: Path, tmp_path: Path) -> None:
+    d = tmp_path / "m"
+    shutil.copytree(tiny_models / "student", d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["pad_token"] = None
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = load_tokenizer(d)
+    assert tok.pad_token == tok.eos_token
+
+
+def test_missing_and_incomplete_model_folders(tiny_models: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=r"nope does not exist"):
+        check_model_dir(tmp_path / "nope")
+    d = tmp_path / "half"
+    shutil.copytree(tiny_models / "student", d)
+    for f in d.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(ModelError, match=r"half is incomplete: missing weights"):
+        load_model(d)
+    (d / "config.json").unlink()
+    with pytest.raises(ModelError, match="config.json"):
+        load_tokenizer(d)
+
+
+def test_trust_remote_code_refused_unless_asked(tiny_models: Path, tmp_path: Path) -> None:
+    d = tmp_path / "remote"
+    shutil.copytree(tiny_models / "student", d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="--trust-remote-code"):
+        load_tokenizer(d)
+    with pytest.raises(ModelError, match="--trust-remote-code"):
+        load_model(d)
+
+
+def test_quant_resolution_on_cpu() -> None:
+    assert resolve_quant("none") is False
+    assert resolve_quant("nf4") is True
+    assert resolve_quant("auto") is False  # no CUDA on CI: full precision
+
+
+def test_nf4_forced_on_cpu_loads_and_generates(tiny_models: Path) -> None:
+    import torch
+
+    tok = load_tokenizer(tiny_models / "teacher")
+    model = load_model(tiny_models / "teacher", quant="nf4", device="cpu")
+    assert getattr(model, "is_loaded_in_4bit", False) or any(
+        "4bit" in type(m).__name__ for m in model.modules()
+    )
+    enc = tok(["What is 2 + 3?\n"], return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > enc["input_ids"].shape[1] and torch.isfinite(out.float()).all()
+
+
+def test_tiny_teacher_writes_final_answer_lines(tiny_models: Path, dataset_dir: Path) -> None:
+    from cot.generation import generate_batch
+    from cot.prompts import TEACHER_TEMPLATE, load_template, prompt
+    from cot.records import read_questions
+
+    qs = read_questions(dataset_dir / "test_questions.jsonl")[:16]
+    tok = load_tokenizer(tiny_models / "teacher")
+    model = load_model(tiny_models / "teacher", quant="none")
+    t = load_template(TEACHER_TEMPLATE)
+    texts, _ = generate_batch(model, tok, [prompt(t, q["question"]) for q in qs], max_new_tokens=160)
+    formatted = sum(x.strip().splitlines()[-1].startswith("Final Answer:") for x in texts if x.strip())
+    assert formatted >= 14, texts[:3]
+    assert all(len(x.splitlines()) >= 2 for x in texts[:8])  # step-by-step, not one line
