@@ -104,7 +104,7 @@ def test_templates_load_cleanly() -> None:
     for path in sorted(C.TEMPLATES.rglob("*.yaml")):
         text = path.read_text()
         assert text.startswith("#"), f"{path} must start with a comment naming its command"
-        if "cluster/" in str(path) or "accelerate" in path.name:
+        if "accelerate" in path.name:
             continue
         for stage, cls in C.STAGES.items():
             C.load_config(cls, stage, path)
