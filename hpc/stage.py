@@ -190,7 +190,9 @@ def _submit_slurm(
     submit = [i for i in todo if i not in live]
     calls = [(worker, (payload, i, stage)) for i in submit]
     jobs = ex.submit_array(calls, dependency=dependency) if submit else []
-    deps = E.job_ids(jobs) + sorted({j.split("_")[0] for j in live.values()})
+    # A live shard of an earlier array is waited on by its task id (``12_3``): ``afterok`` on the
+    # whole earlier array could never be met once one of its tasks has failed for good.
+    deps = E.job_ids(jobs) + sorted(set(live.values()))
     merge = ex.submit(Merge(), str(run_dir), stage, outputs, keep, dependency=deps)
     done.merge_job, done.array_ids = merge, E.job_ids(jobs)
     runs.record_launch(

@@ -53,8 +53,8 @@ class GenerateShard(submitit.helpers.Checkpointable):
             pred = extract_final_answer(text)
             out = {
                 "id": rec["id"],
-                "category": rec.get("category"),
                 "sample": sample,
+                "category": rec.get("category"),
                 "question": rec["question"],
                 "cot": text,
                 "teacher_answer": pred,

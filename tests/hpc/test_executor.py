@@ -1,0 +1,168 @@
+"""Unit tests of hpc/executor.py's pure logic (no Slurm needed: fake commands on PATH)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hpc import executor as E
+
+
+def _fake_bin(folder: Path, name: str, body: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+@pytest.fixture()
+def only_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """PATH holds only a fresh folder of fake commands (plus /bin for the shebang's sh)."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    monkeypatch.setenv("PATH", str(folder))
+    E.max_array_size.cache_clear()
+    yield folder
+    E.max_array_size.cache_clear()
+
+
+# --------------------------------------------------------------------------- chunks
+
+
+@pytest.mark.parametrize(
+    ("n", "size", "expected"),
+    [
+        (8, 3, [(0, 3), (3, 6), (6, 8)]),
+        (3, 3, [(0, 3)]),  # N == MaxArraySize: one array
+        (4, 3, [(0, 3), (3, 4)]),  # N == MaxArraySize + 1: two arrays
+        (1, 1001, [(0, 1)]),
+        (2002, 1001, [(0, 1001), (1001, 2002)]),
+        (0, 5, []),
+    ],
+)
+def test_chunks(n: int, size: int, expected: list[tuple[int, int]]) -> None:
+    parts = E.chunks(n, size)
+    assert [(p.start, p.stop) for p in parts] == expected
+    assert [i for p in parts for i in p] == list(range(n))
+    assert all(len(p) <= size for p in parts)
+
+
+# --------------------------------------------------------------------------- sacct ids
+
+
+@pytest.mark.parametrize(
+    ("job_id", "expected"),
+    [
+        ("12", ["12"]),
+        ("12_3", ["12_3"]),
+        ("12.batch", ["12.batch"]),
+        ("12_[4]", ["12_4"]),
+        ("12_[0-3]", ["12_0", "12_1", "12_2", "12_3"]),
+        ("12_[0-2,7%2]", ["12_0", "12_1", "12_2", "12_7"]),
+        ("345_[1,3-4,9]", ["345_1", "345_3", "345_4", "345_9"]),
+        ("7_[5-7%256]", ["7_5", "7_6", "7_7"]),
+    ],
+)
+def test_expand_array_ids(job_id: str, expected: list[str]) -> None:
+    assert E._expand(job_id) == expected
+
+
+def test_job_ids_distinct_array_roots() -> None:
+    class J:
+        def __init__(self, job_id: str) -> None:
+            self.job_id = job_id
+
+    jobs = [J("10_0"), J("10_1"), J("11_0"), J("12"), J("10_2")]
+    assert E.job_ids(jobs) == ["10", "11", "12"]
+
+
+def test_job_states_one_sacct_call_parses_arrays(only_path: Path, tmp_path: Path) -> None:
+    calls = tmp_path / "calls"
+    _fake_bin(
+        only_path,
+        "sacct",
+        f'echo "$@" >> {calls}\n'
+        "for l in '20_0|COMPLETED' '20_1|CANCELLED by 0' '20_[2-4%2]|PENDING' '21|RUNNING' '22|'\n"
+        'do echo "$l"; done',
+    )
+    states = E.job_states(["20_0", "20_3", "21", "22", "21"])
+    assert states == {
+        "20_0": "COMPLETED",
+        "20_1": "CANCELLED",
+        "20_2": "PENDING",
+        "20_3": "PENDING",
+        "20_4": "PENDING",
+        "21": "RUNNING",
+        "22": "UNKNOWN",
+    }
+    lines = calls.read_text().splitlines()
+    assert len(lines) == 1
+    assert "-j 20,21,22" in lines[0]
+
+
+def test_job_states_without_sacct(only_path: Path) -> None:
+    assert E.job_states([]) == {}
+    assert E.job_states(["5_1"]) is None  # no sacct on PATH: unknown, not "no jobs"
+    _fake_bin(only_path, "sacct", "echo 'sacct: error: Slurm accounting disabled' >&2; exit 1")
+    assert E.job_states(["5_1"]) is None
+
+
+# --------------------------------------------------------------------------- choose_cluster
+
+
+def test_choose_cluster_auto_without_scontrol_is_local(
+    only_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert not (only_path / "scontrol").exists()
+    assert E.choose_cluster("auto") == "local"
+    assert "cluster: local (no SLURM controller answers)" in capsys.readouterr().err
+
+
+def test_choose_cluster_auto_with_dead_controller_is_local(only_path: Path) -> None:
+    # srun/sbatch/scontrol installed but no controller: submitit alone would pick slurm.
+    for name in ("srun", "sbatch", "sinfo"):
+        _fake_bin(only_path, name, "exit 0")
+    _fake_bin(only_path, "scontrol", "echo 'Slurmctld(primary) at h is DOWN'; exit 1")
+    assert E.choose_cluster("auto", announce=False) == "local"
+
+
+def test_choose_cluster_auto_with_live_controller_is_slurm(only_path: Path) -> None:
+    _fake_bin(only_path, "scontrol", "echo 'Slurmctld(primary) at h is UP'")
+    assert E.choose_cluster("auto", announce=False) == "slurm"
+
+
+@pytest.mark.parametrize("kind", ["slurm", "local"])
+def test_choose_cluster_explicit(only_path: Path, kind: str) -> None:
+    assert E.choose_cluster(kind, announce=False) == kind
+
+
+# --------------------------------------------------------------------------- MaxArraySize
+
+
+def test_max_array_size_from_scontrol(only_path: Path) -> None:
+    _fake_bin(
+        only_path,
+        "scontrol",
+        "printf 'MaxArraySize            = 3\\nMaxJobCount             = 10000\\n'",
+    )
+    assert E.max_array_size() == 3
+
+
+def test_max_array_size_default_without_scontrol(only_path: Path) -> None:
+    assert E.max_array_size() == E.DEFAULT_MAX_ARRAY_SIZE == 1001
+
+
+def test_job_env_setup_threads_and_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpc.config import GenerateConfig
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    env = E.job_env_setup(GenerateConfig(cpus_per_task=3))
+    assert env["OMP_NUM_THREADS"] == "3"
+    assert env["HF_HUB_OFFLINE"] == "1"
+    assert env["PYTHONUNBUFFERED"] == "1"
+    assert os.environ.get("HF_HUB_OFFLINE") is None  # reading it changed nothing

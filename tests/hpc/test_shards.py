@@ -1,0 +1,307 @@
+"""Unit tests of hpc/shards.py: plans, resumable shard files, markers and the verified merge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cot.records import RecordError
+from hpc import shards as S
+from jobs.merge import Merge
+
+
+def _input(tmp_path: Path, n: int, name: str = "q.jsonl") -> tuple[Path, list[str]]:
+    path = tmp_path / name
+    ids = [f"q{i:03d}" for i in range(n)]
+    cats = ("algebra", "arithmetic", "word")
+    path.write_text(
+        "".join(
+            json.dumps({"id": rid, "question": f"what is {i}?", "category": cats[i % 3]}) + "\n"
+            for i, rid in enumerate(ids)
+        )
+    )
+    return path, ids
+
+
+def _rec(rid: str, sample: int = 0, **extra: Any) -> dict[str, Any]:
+    return {"id": rid, "sample": sample, "cot": f"text of {rid}/{sample}", **extra}
+
+
+def _line(rec: dict[str, Any]) -> str:
+    return json.dumps(rec) + "\n"
+
+
+def _stage(tmp_path: Path, n: int, shards: int, samples: int = 1) -> tuple[Path, S.Plan]:
+    path, ids = _input(tmp_path, n)
+    stage_dir = tmp_path / "run" / "generate"
+    plan = S.write_or_check_plan(stage_dir, S.make_plan(path, ids, shards, samples))
+    return stage_dir, plan
+
+
+def _complete_all(stage_dir: Path, plan: S.Plan, **extra: Any) -> None:
+    for shard in range(plan.shards):
+        path = S.shard_path(stage_dir, shard)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(_line(_rec(rid, s, **extra)) for rid, s in plan.keys(shard)))
+        S.finish_shard(stage_dir, plan, shard)
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@pytest.mark.parametrize(("n", "shards"), [(10, 3), (48, 8), (7, 7), (100, 6), (5, 1)])
+def test_plan_ranges_balanced_contiguous_and_complete(tmp_path: Path, n: int, shards: int) -> None:
+    path, ids = _input(tmp_path, n)
+    plan = S.make_plan(path, ids, shards)
+    assert len(plan.ranges) == shards
+    assert plan.ranges[0][0] == 0 and plan.ranges[-1][1] == n
+    for (_, hi), (lo, _) in zip(plan.ranges, plan.ranges[1:]):
+        assert hi == lo  # contiguous, no gap, no overlap
+    sizes = [hi - lo for lo, hi in plan.ranges]
+    assert max(sizes) - min(sizes) <= 1
+    assert min(sizes) >= 1
+    all_keys = [k for i in range(shards) for k in plan.keys(i)]
+    assert all_keys == [(rid, 0) for rid in ids]
+
+
+def test_plan_is_deterministic_and_pins_the_input(tmp_path: Path) -> None:
+    path, ids = _input(tmp_path, 20)
+    a = S.make_plan(path, ids, 6, samples=2, selection={"start_index": 0})
+    b = S.make_plan(path, list(ids), 6, samples=2, selection={"start_index": 0})
+    assert a.to_json() == b.to_json()
+    assert a.input_sha256 == S.sha256_file(path)
+    assert a.keys(0) == [(ids[0], 0), (ids[0], 1), (ids[1], 0), (ids[1], 1), (ids[2], 0), (ids[2], 1)]
+
+
+def test_plan_more_shards_than_records_names_the_file(tmp_path: Path) -> None:
+    path, ids = _input(tmp_path, 3)
+    with pytest.raises(RecordError, match=r"q\.jsonl.*4 shards for 3 records"):
+        S.make_plan(path, ids, 4)
+
+
+def test_plan_written_once_and_relaunch_checked(tmp_path: Path) -> None:
+    stage_dir, plan = _stage(tmp_path, 12, 3)
+    text = (stage_dir / "plan.json").read_text()
+    again = S.write_or_check_plan(stage_dir, S.make_plan(plan.input, plan.ids, 3))
+    assert again.ranges == plan.ranges
+    assert (stage_dir / "plan.json").read_text() == text
+    with pytest.raises(S.PlanError, match=r"--shards 4 differs from the planned 3"):
+        S.write_or_check_plan(stage_dir, S.make_plan(plan.input, plan.ids, 4))
+    other, ids = _input(tmp_path, 12, "other.jsonl")
+    other.write_text(other.read_text() + "\n")  # same records, other bytes
+    with pytest.raises(S.PlanError, match=r"other\.jsonl.*differs from the planned input"):
+        S.write_or_check_plan(stage_dir, S.make_plan(other, ids, 3))
+    assert (stage_dir / "plan.json").read_text() == text
+    assert S.load_plan(stage_dir).ranges == plan.ranges
+
+
+# --------------------------------------------------------------------------- recover
+
+
+def test_recover_truncates_torn_last_line_and_returns_keys(tmp_path: Path) -> None:
+    path = tmp_path / "00000.jsonl"
+    good = _line(_rec("a")) + _line(_rec("b")) + _line(_rec("b", 1))
+    path.write_text(good + '{"id": "c", "sample": 0, "cot": "half')
+    keys = S.recover_shard(path)
+    assert keys == {("a", 0): 1, ("b", 0): 2, ("b", 1): 3}
+    assert path.read_text() == good
+    # Idempotent, and appending after recovery yields valid JSONL.
+    assert S.recover_shard(path) == keys
+    with open(path, "a") as fh:
+        fh.write(_line(_rec("c")))
+    assert ("c", 0) in S.recover_shard(path)
+
+
+def test_recover_drops_an_unparsable_last_line_with_newline(tmp_path: Path) -> None:
+    path = tmp_path / "00000.jsonl"
+    good = _line(_rec("a"))
+    path.write_text(good + '{"id": "b", "cot\n')
+    assert S.recover_shard(path) == {("a", 0): 1}
+    assert path.read_text() == good
+
+
+def test_recover_missing_and_empty_files(tmp_path: Path) -> None:
+    assert S.recover_shard(tmp_path / "absent.jsonl") == {}
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert S.recover_shard(empty) == {}
+    torn_only = tmp_path / "torn.jsonl"
+    torn_only.write_text('{"id": "a"')
+    assert S.recover_shard(torn_only) == {}
+    assert torn_only.read_bytes() == b""
+
+
+# --------------------------------------------------------------------------- finish
+
+
+def test_finish_refuses_incomplete_shard_and_writes_no_marker(tmp_path: Path) -> None:
+    stage_dir, plan = _stage(tmp_path, 9, 3)
+    path = S.shard_path(stage_dir, 1)
+    path.parent.mkdir(parents=True)
+    keys = plan.keys(1)
+    path.write_text(_line(_rec(keys[0][0])) + _line(_rec(keys[2][0])))
+    before = path.read_text()
+    with pytest.raises(S.PlanError, match=rf"shard 1 is missing 1 records.*{keys[1][0]}"):
+        S.finish_shard(stage_dir, plan, 1)
+    assert not S.marker_path(stage_dir, 1).exists()
+    assert S.completed(stage_dir) == set()
+    assert path.read_text() == before
+    with pytest.raises(S.PlanError, match="missing 3 records"):
+        S.finish_shard(stage_dir, plan, 2)  # no shard file at all
+
+
+def test_finish_reorders_drops_duplicates_then_marks(tmp_path: Path) -> None:
+    stage_dir, plan = _stage(tmp_path, 8, 2, samples=2)
+    keys = plan.keys(1)
+    # Resumed shards come out of order (length-grouped), with a re-done batch duplicated.
+    shuffled = [*reversed(keys[2:]), keys[0], keys[2], keys[1], keys[0], keys[3]]
+    path = S.shard_path(stage_dir, 1)
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(_line(_rec(rid, s)) for rid, s in shuffled))
+    assert S.finish_shard(stage_dir, plan, 1) == len(keys)
+    lines = path.read_text().splitlines()
+    assert [S.record_key(json.loads(x)) for x in lines] == keys
+    assert S.marker_path(stage_dir, 1).exists()
+    assert json.loads(S.marker_path(stage_dir, 1).read_text()) == {"records": len(keys)}
+    assert S.completed(stage_dir) == {1}
+    assert S.incomplete(stage_dir, plan) == [0]
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def test_merge_refuses_with_missing_shards_listing_them(tmp_path: Path) -> None:
+    stage_dir, plan = _stage(tmp_path, 12, 4)
+    _complete_all(stage_dir, plan)
+    S.marker_path(stage_dir, 1).unlink()
+    S.marker_path(stage_dir, 3).unlink()
+    with pytest.raises(S.PlanError, match=r"2 of 4 shards are not complete \(00001, 00003\)"):
+        S.write_merged(stage_dir, plan, [])
+    assert not (stage_dir / "merged.jsonl").exists()
+
+
+def test_merge_streams_in_plan_order(tmp_path: Path) -> None:
+    stage_dir, plan = _stage(tmp_path, 10, 3, samples=2)
+    _complete_all(stage_dir, plan)
+    out = tmp_path / "out" / "merged copy.jsonl"
+    counts = S.write_merged(stage_dir, plan, [out])
+    assert counts["total"] == counts["kept"] == 20
+    merged = (stage_dir / "merged.jsonl").read_bytes()
+    assert out.read_bytes() == merged
+    keys = [S.record_key(json.loads(x)) for x in merged.decode().splitlines()]
+    assert keys == [(rid, s) for rid in plan.ids for s in range(2)]
+
+
+@pytest.mark.parametrize("fault", ["duplicate", "out_of_order", "short", "foreign"])
+def test_merge_checks_every_key(tmp_path: Path, fault: str) -> None:
+    stage_dir, plan = _stage(tmp_path, 9, 3)
+    _complete_all(stage_dir, plan)
+    path = S.shard_path(stage_dir, 1)
+    lines = path.read_text().splitlines(keepends=True)
+    if fault == "duplicate":
+        lines[1] = lines[0]
+    elif fault == "out_of_order":
+        lines[0], lines[1] = lines[1], lines[0]
+    elif fault == "short":
+        lines = lines[:-1]
+    else:
+        lines[2] = _line(_rec("not-in-plan"))
+    path.write_text("".join(lines))
+    with pytest.raises(S.PlanError, match=r"00001\.jsonl"):
+        S.write_merged(stage_dir, plan, [])
+
+
+@pytest.mark.parametrize("style", ["id_first", "sample_first", "ascii_escaped", "no_sample"])
+def test_merge_any_key_order_and_odd_ids(tmp_path: Path, style: str) -> None:
+    ids = ["plain", 'quo"te', "back\\slash", "uni-é", "tab\tid", "L7"]
+    src = tmp_path / "q.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "question": "?"}) + "\n" for i in ids))
+    stage_dir = tmp_path / "run" / "generate"
+    plan = S.write_or_check_plan(stage_dir, S.make_plan(src, ids, 2))
+
+    def line(rid: str) -> str:
+        if style == "sample_first":
+            rec: dict[str, Any] = {"sample": 0, "id": rid, "cot": "x"}
+        elif style == "no_sample":
+            rec = {"id": rid, "cot": "x"}
+        else:
+            rec = {"id": rid, "sample": 0, "cot": "x"}
+        return json.dumps(rec, ensure_ascii=style == "ascii_escaped") + "\n"
+
+    for shard in range(2):
+        path = S.shard_path(stage_dir, shard)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(line(rid) for rid, _ in plan.keys(shard)), encoding="utf-8")
+        S.finish_shard(stage_dir, plan, shard)
+    counts = S.write_merged(stage_dir, plan, [])
+    assert counts["total"] == len(ids)
+    merged = (stage_dir / "merged.jsonl").read_text(encoding="utf-8")
+    assert merged == "".join(line(rid) for rid in ids)
+    # Swap two records of shard 1: caught whatever the spelling.
+    path = S.shard_path(stage_dir, 1)
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    path.write_text(lines[1] + lines[0] + lines[2], encoding="utf-8")
+    with pytest.raises(S.PlanError, match=r"00001\.jsonl:1: expected record"):
+        S.write_merged(stage_dir, plan, [])
+
+
+def test_merge_failure_leaves_existing_outputs_intact(tmp_path: Path) -> None:
+    stage_dir, plan = _stage(tmp_path, 9, 3)
+    _complete_all(stage_dir, plan)
+    out = tmp_path / "final.jsonl"
+    out.write_text("KEEP ME\n")
+    (stage_dir / "merged.jsonl").write_text("OLD MERGE\n")
+    # Break the LAST shard, so the merge has already streamed most records when it fails.
+    path = S.shard_path(stage_dir, 2)
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text(lines[1] + lines[0] + lines[2])
+    with pytest.raises(S.PlanError, match=r"00002\.jsonl:1: expected record"):
+        S.write_merged(stage_dir, plan, [out])
+    assert out.read_text() == "KEEP ME\n"
+    assert (stage_dir / "merged.jsonl").read_text() == "OLD MERGE\n"
+    leftovers = [p.name for d in (tmp_path, stage_dir) for p in d.iterdir() if p.suffix == ".tmp"]
+    assert leftovers == []
+
+
+def test_keep_correct_keeps_only_correct_and_counts_per_category(tmp_path: Path) -> None:
+    stage_dir, plan = _stage(tmp_path, 12, 3)
+    cats = {rid: ("algebra", "arithmetic", "word")[i % 3] for i, rid in enumerate(plan.ids)}
+    correct = {rid: i % 2 == 0 for i, rid in enumerate(plan.ids)}
+    for shard in range(plan.shards):
+        path = S.shard_path(stage_dir, shard)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            "".join(
+                _line(_rec(rid, s, category=cats[rid], correct=correct[rid]))
+                for rid, s in plan.keys(shard)
+            )
+        )
+        S.finish_shard(stage_dir, plan, shard)
+    run_dir = stage_dir.parent
+    out = tmp_path / "kept.jsonl"
+    counts = Merge()(str(run_dir), "generate", [str(out)], "correct")
+    kept = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in kept] == [rid for rid in plan.ids if correct[rid]]
+    assert all(r["correct"] is True for r in kept)
+    assert counts["total"] == 12 and counts["kept"] == 6
+    expected: dict[str, list[int]] = {}
+    for rid in plan.ids:
+        c = expected.setdefault(cats[rid], [0, 0])
+        c[0] += int(correct[rid])
+        c[1] += 1
+    assert counts["per_category"] == expected
+    assert json.loads((stage_dir / "merge.json").read_text())["kept"] == 6
+    everything = Merge()(str(run_dir), "generate", [str(out)], "all")
+    assert everything["kept"] == 12
+    assert len(out.read_text().splitlines()) == 12
+
+
+def test_append_attempt_counts_starts(tmp_path: Path) -> None:
+    stage_dir = tmp_path / "generate"
+    assert S.append_attempt(stage_dir, 3, {"event": "start"}) == 1
+    assert S.append_attempt(stage_dir, 3, {"event": "batch", "n": 2}) == 2
+    lines = (stage_dir / "attempts" / "00003").read_text().splitlines()
+    assert [json.loads(x)["event"] for x in lines] == ["start", "batch"]
