@@ -111,7 +111,17 @@ def run_shard(
                     model, tokenizer, [prompts[id(it)] for it in batch], batch_seed(seed, keys)
                 )
                 tokens += n_tok
-                append_durable(out, [to_record(it[0], it[1], t) for it, t in zip(batch, texts)])
+                recs = [to_record(it[0], it[1], t) for it, t in zip(batch, texts, strict=True)]
+                try:
+                    append_durable(out, recs)
+                except OSError as e:
+                    # The shard keeps every whole line written so far and gets no marker; the
+                    # next start drops the torn tail and resumes from there.
+                    raise OSError(
+                        e.errno,
+                        f"{path}: writing shard {shard} failed ({e.strerror}); it stays "
+                        "incomplete and resumes from its last whole record when relaunched",
+                    ) from e
                 bar.update(len(batch))
         bar.close()
         dt = time.time() - t0

@@ -19,8 +19,9 @@ def test_length_grouped_is_deterministic_and_tight() -> None:
     items = list(range(10))
     batches = length_grouped(items, key=lambda i: [5, 1, 9, 3, 7, 2, 8, 4, 6, 0][i], batch_size=3)
     assert [len(b) for b in batches] == [3, 3, 3, 1]
-    assert batches == length_grouped(items, key=lambda i: [5, 1, 9, 3, 7, 2, 8, 4, 6, 0][i],
-                                     batch_size=3)
+    assert batches == length_grouped(
+        items, key=lambda i: [5, 1, 9, 3, 7, 2, 8, 4, 6, 0][i], batch_size=3
+    )
     assert sorted(x for b in batches for x in b) == items
 
 
@@ -41,7 +42,9 @@ def prompts(dataset_dir: Path, n: int) -> list[str]:
     from cot.records import read_questions
 
     t = load_template(TEACHER_TEMPLATE)
-    return [prompt(t, q["question"]) for q in read_questions(dataset_dir / "test_questions.jsonl")[:n]]
+    return [
+        prompt(t, q["question"]) for q in read_questions(dataset_dir / "test_questions.jsonl")[:n]
+    ]
 
 
 def test_batched_left_padding_equals_sequential(teacher, dataset_dir: Path) -> None:  # type: ignore[no-untyped-def]
@@ -70,5 +73,5 @@ def test_right_padding_would_differ(teacher, dataset_dir: Path) -> None:  # type
     left, _ = generate_batch(model, tok, ps, max_new_tokens=48, stop_at_answer=False)
     enc = tok(ps, return_tensors="pt", padding=True, padding_side="right")
     out = model.generate(**enc, max_new_tokens=48, do_sample=False, pad_token_id=tok.pad_token_id)
-    right = [tok.decode(r[enc["input_ids"].shape[1]:], skip_special_tokens=True) for r in out]
+    right = [tok.decode(r[enc["input_ids"].shape[1] :], skip_special_tokens=True) for r in out]
     assert sum(a != b for a, b in zip(left, right)) > 0

@@ -30,7 +30,9 @@ def test_tokenizer_round_trip_ids_identical(tmp_path: Path, dataset_dir: Path) -
     assert [again.decode(ids) for ids in after] == probe  # byte-level: lossless
 
 
-def test_loader_offline_and_left_padding(tiny_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_loader_offline_and_left_padding(
+    tiny_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # any network use would fail
     tok = load_tokenizer(tiny_models / "teacher")
@@ -103,7 +105,11 @@ def test_tiny_teacher_writes_final_answer_lines(tiny_models: Path, dataset_dir: 
     tok = load_tokenizer(tiny_models / "teacher")
     model = load_model(tiny_models / "teacher", quant="none")
     t = load_template(TEACHER_TEMPLATE)
-    texts, _ = generate_batch(model, tok, [prompt(t, q["question"]) for q in qs], max_new_tokens=160)
-    formatted = sum(x.strip().splitlines()[-1].startswith("Final Answer:") for x in texts if x.strip())
+    texts, _ = generate_batch(
+        model, tok, [prompt(t, q["question"]) for q in qs], max_new_tokens=160
+    )
+    formatted = sum(
+        x.strip().splitlines()[-1].startswith("Final Answer:") for x in texts if x.strip()
+    )
     assert formatted >= 14, texts[:3]
     assert all(len(x.splitlines()) >= 2 for x in texts[:8])  # step-by-step, not one line

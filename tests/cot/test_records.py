@@ -23,7 +23,7 @@ def write(tmp_path: Path, data: bytes) -> Path:
         (b'{"question": 3}\n', 1, "field 'question': must be a non-empty string"),
         (b'{"question": "a"}\n\xff\xfe\n', 2, "invalid UTF-8"),
         (b'{"id": "x", "question": "a"}\n{"id": "x", "question": "b"}\n', 2, "duplicate id"),
-        (b'[1, 2]\n', 1, "expected a JSON object"),
+        (b"[1, 2]\n", 1, "expected a JSON object"),
     ],
 )
 def test_bad_input_names_file_line_field(

@@ -73,13 +73,35 @@ def test_yaml_float_written_as_1e_4_is_rejected_not_misread(tmp_path: Path) -> N
 def test_seed_underscore_aliases_parse() -> None:
     parser = build_parser()
     ns = parser.parse_args(
-        ["generate", "--teacher_dir", "T", "--max_new_tokens", "7", "--start_index", "3",
-         "--num_samples", "5"]
+        [
+            "generate",
+            "--teacher_dir",
+            "T",
+            "--max_new_tokens",
+            "7",
+            "--start_index",
+            "3",
+            "--num_samples",
+            "5",
+        ]
     )
     assert (ns.teacher, ns.max_new_tokens, ns.start_index, ns.num_samples) == ("T", 7, 3, 5)
     ns = parser.parse_args(
-        ["train", "--student_dir", "S", "--per_device_train_batch_size", "3", "--lora_alpha",
-         "32", "--out_dir", "O", "--max_length", "64", "--resume_from_checkpoint", "ck"]
+        [
+            "train",
+            "--student_dir",
+            "S",
+            "--per_device_train_batch_size",
+            "3",
+            "--lora_alpha",
+            "32",
+            "--out_dir",
+            "O",
+            "--max_length",
+            "64",
+            "--resume_from_checkpoint",
+            "ck",
+        ]
     )
     assert (ns.student, ns.per_device_train_batch_size, ns.lora_alpha) == ("S", 3, 32)
     assert (ns.out_dir, ns.max_length, ns.resume_from_checkpoint) == ("O", 64, "ck")
