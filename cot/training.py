@@ -100,7 +100,7 @@ class DataStats:
 
     def describe(self, max_length: int) -> str:
         """One line for the log."""
-        over = self.truncated + self.dropped_overlong
+        over = self.truncated + self.dropped_overlong + self.dropped_no_answer
         text = (
             f"data: {self.kept} of {self.records} records, {self.tokens} tokens "
             f"({self.answer_tokens} answer tokens), longest {self.longest}"
@@ -113,7 +113,7 @@ class DataStats:
                 f"{self.truncated} truncated, {self.dropped_overlong} dropped"
             )
         if self.dropped_no_answer:
-            text += f"; {self.dropped_no_answer} dropped: prompt fills --max-length"
+            text += f", {self.dropped_no_answer} dropped as the prompt alone fills it"
         return text
 
 
@@ -148,7 +148,7 @@ def encode_example(
         status = "truncated"
     if not any(mask):
         return None, "dropped_no_answer"
-    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
     return {"input_ids": ids, "labels": labels, "length": len(ids)}, status
 
 
@@ -157,10 +157,10 @@ def build_examples(
 ) -> tuple[list[dict[str, Any]], DataStats]:
     """Tokenise all records; overlong ones are truncated or dropped and counted."""
     stats = DataStats(records=len(records))
-    out = []
+    out: list[dict[str, Any]] = []
     for rec in records:
         ex, status = encode_example(tokenizer, rec["question"], rec["cot"], max_length, overlong)
-        if status in ("truncated", "dropped_overlong"):
+        if status != "ok":  # a record without answer tokens was cut by max_length too
             stats.overlong_lines.append(int(rec.get("line", len(out) + 1)))
         if status == "truncated":
             stats.truncated += 1
@@ -203,9 +203,7 @@ class PadCollator:
 # --------------------------------------------------------------------------- length grouping
 
 
-def grouped_order(
-    lengths: Sequence[int], batch_size: int, seed: int, epoch: int = 0
-) -> list[int]:
+def grouped_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int = 0) -> list[int]:
     """A shuffled order whose consecutive ``batch_size`` runs have similar lengths.
 
     Shuffle with a generator seeded by (seed, epoch), cut into megabatches of
@@ -492,6 +490,15 @@ def plot_metrics(metrics: str | Path, png: str | Path) -> Path | None:
 # --------------------------------------------------------------------------- trainer
 
 
+def peak_gpu_memory_gb() -> float | None:
+    """Peak GPU memory allocated by this process so far (GiB), or None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+
+
 def _dist() -> Any:
     """torch.distributed when a process group is up, else None."""
     import torch.distributed as dist
@@ -599,6 +606,9 @@ def make_callbacks(
                 "step_time_s": round(sum(self.step_times) / max(1, len(self.step_times)), 4),
                 "time": now,
             }
+            peak = peak_gpu_memory_gb()
+            if peak is not None:
+                row["gpu_peak_mem_gb"] = peak
             metrics_path.parent.mkdir(parents=True, exist_ok=True)
             with open(metrics_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")
@@ -640,9 +650,9 @@ def training_arguments(
         deepspeed=deepspeed,
         bf16=bf16,
         use_cpu=not cuda,
-        ddp_backend=None if cuda else "gloo",
+        # gloo for CPU processes; with one process there is no group to back at all.
+        ddp_backend=None if cuda or _world_size() == 1 else "gloo",
         ddp_find_unused_parameters=False,
-        gradient_checkpointing=False,  # done by prepare_lora_model, before peft wraps the model
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
@@ -650,6 +660,10 @@ def training_arguments(
         disable_tqdm=not sys.stderr.isatty(),
         logging_first_step=True,
     )
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def _bf16_ok() -> bool:
@@ -667,13 +681,28 @@ def build_trainer(
 ) -> Any:
     """A Trainer whose train sampler is the seeded :class:`LengthGroupedSampler`."""
     from datasets import Dataset
-    from transformers import Trainer
+    from transformers import Trainer, TrainerCallback
 
-    lengths = [ex["length"] for ex in examples]
+    sampler = LengthGroupedSampler(
+        [ex["length"] for ex in examples], args.per_device_train_batch_size, args.seed
+    )
 
     class GroupedTrainer(Trainer):  # type: ignore[misc]
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-            return LengthGroupedSampler(lengths, args.per_device_train_batch_size, args.seed)
+            return sampler
+
+    class SyncSamplerEpoch(TrainerCallback):  # type: ignore[misc]
+        """Tell the sampler which epoch starts, from the trainer state.
+
+        On resume, accelerate's ``skip_first_batches`` wraps a sharded batch sampler so that the
+        Trainer's ``set_epoch`` no longer reaches our sampler, and the resumed epoch would replay
+        epoch 0's order. ``state.epoch`` is whole at an epoch start and fractional (2.67) right
+        after a resume, so its floor is the epoch in both cases.
+        """
+
+        def on_epoch_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
+            sampler.set_epoch(math.floor(state.epoch or 0.0))
+            return control
 
     dataset = Dataset.from_list(examples)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -683,33 +712,37 @@ def build_trainer(
         train_dataset=dataset,
         data_collator=PadCollator(pad_id),
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=[SyncSamplerEpoch(), *callbacks],
     )
 
 
 def engine_info(trainer: Any) -> dict[str, Any]:
-    """What actually ran, read from the engine itself (the ZeRO stage, world size, backend)."""
+    """What actually ran, read from the engine itself: ZeRO stage, optimizer, 4-bit layers."""
     import torch
 
-    info: dict[str, Any] = {
+    dist = torch.distributed
+    wrapped: Any = getattr(trainer, "model_wrapped", None)
+    deepspeed = bool(trainer.is_deepspeed_enabled)
+    stage = None
+    if deepspeed and hasattr(wrapped, "zero_optimization_stage"):
+        stage = int(wrapped.zero_optimization_stage())
+    # Peel the wrappers (DeepSpeed's ZeRO optimizer, accelerate's) down to the real optimizer.
+    opt: Any = getattr(wrapped, "optimizer", None) if deepspeed else trainer.optimizer
+    outer = type(opt).__name__ if opt is not None else None
+    while hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return {
         "world_size": int(trainer.args.world_size),
         "device": str(trainer.args.device),
-        "deepspeed": bool(trainer.is_deepspeed_enabled),
-        "zero_stage": None,
-        "optimizer": type(trainer.optimizer).__name__ if trainer.optimizer is not None else None,
-        "backend": (
-            torch.distributed.get_backend() if torch.distributed.is_initialized() else None
-        ),
+        "backend": dist.get_backend() if dist.is_initialized() else None,
+        "deepspeed": deepspeed,
+        "zero_stage": stage,
+        "optimizer_wrapper": outer,
+        "optimizer_class": f"{type(opt).__module__}.{type(opt).__name__}",
+        "paged": getattr(opt, "is_paged", None),
+        "optim_bits": getattr(getattr(opt, "args", None), "optim_bits", None),
+        "quantized_4bit": any(type(m).__name__ == "Linear4bit" for m in trainer.model.modules()),
     }
-    wrapped = getattr(trainer, "model_wrapped", None)
-    if info["deepspeed"] and hasattr(wrapped, "zero_optimization_stage"):
-        info["zero_stage"] = int(wrapped.zero_optimization_stage())
-        inner = getattr(wrapped, "optimizer", None)
-        info["optimizer"] = type(inner).__name__ if inner is not None else info["optimizer"]
-        base = getattr(inner, "optimizer", None)
-        if base is not None:
-            info["base_optimizer"] = type(base).__name__
-    return info
 
 
 @dataclass
@@ -723,6 +756,7 @@ class TrainResult:
     engine: dict[str, Any]
     seconds: float
     final_loss: float | None = None
+    gpu_peak_mem_gb: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (pickled into submitit's result)."""
@@ -821,7 +855,8 @@ def run_training(
     _ = args.device  # brings the process group up now, before the ranks must agree on anything
     resume = _choose_resume(cfg.get("resume_from_checkpoint"), ckpt_root)
     if rank == 0:
-        print(f"resuming from {resume}" if resume else "starting from scratch", flush=True)
+        what = f"resuming from {resume}" if resume else "starting from scratch"
+        print(f"{what} (setup {time.time() - t0:.1f}s)", flush=True)
     model = load_model(
         cfg["student"],
         quant="nf4" if quantized else "none",
@@ -857,12 +892,15 @@ def run_training(
         engine=engine,
         seconds=round(time.time() - t0, 2),
         final_loss=float(losses[-1]) if losses else None,
+        gpu_peak_mem_gb=peak_gpu_memory_gb(),
     )
     if rank == 0:
         atomic_write_text(out_dir / "engine.json", json.dumps(engine, indent=1))
         if not preempted:
             save_adapter_atomically(trainer.model, tokenizer, out_dir / "adapter")
             plot_metrics(out_dir / "metrics.jsonl", out_dir / "training_loss.png")
-            atomic_write_text(out_dir / "train_summary.json", json.dumps(result.to_dict(), indent=1))
+            atomic_write_text(
+                out_dir / "train_summary.json", json.dumps(result.to_dict(), indent=1)
+            )
     barrier()
     return result

@@ -138,8 +138,33 @@ def rank_env(
     )
 
 
+def from_launcher(environ: Mapping[str, str]) -> RankEnv | None:
+    """The rank environment torchrun or ``accelerate launch`` already exported, if any."""
+    needed = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    if not all(environ.get(k, "").strip() for k in needed):
+        return None
+    world = int(environ["WORLD_SIZE"])
+    local_world = int(environ.get("LOCAL_WORLD_SIZE", world))
+    return RankEnv(
+        rank=int(environ["RANK"]),
+        world_size=world,
+        local_rank=int(environ.get("LOCAL_RANK", "0")),
+        local_world_size=local_world,
+        node_rank=int(environ.get("NODE_RANK", environ.get("GROUP_RANK", "0"))),
+        num_nodes=max(1, world // max(1, local_world)),
+        master_addr=environ["MASTER_ADDR"],
+        master_port=int(environ["MASTER_PORT"]),
+        job_id=environ.get("TORCHELASTIC_RUN_ID", "launcher"),
+        attempt=int(environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
+    )
+
+
 def from_submitit(requeues: int = 0, environ: Mapping[str, str] | None = None) -> RankEnv:
-    """The rank environment of the running submitit job; a single process outside any job."""
+    """The rank environment of the running submitit job.
+
+    Outside a submitit job, the environment a launcher (torchrun, ``accelerate launch``)
+    exported is kept as it is; with none, this is a single process.
+    """
     environ = os.environ if environ is None else environ
     attempt = attempt_number(environ, requeues)
     try:
@@ -147,7 +172,9 @@ def from_submitit(requeues: int = 0, environ: Mapping[str, str] | None = None) -
 
         env = submitit.JobEnvironment()
     except RuntimeError:
-        # Not inside a submitit job (a direct call, a debug executor): one process.
+        launched = from_launcher(environ)
+        if launched is not None:
+            return launched
         return rank_env(
             job_id=str(os.getpid()),
             global_rank=0,
@@ -219,17 +246,23 @@ class PreemptionFlag:
         """True once the signal has arrived on this rank."""
         return self.requested
 
-    def requeue_and_exit(self, rank: int) -> None:
-        """After the collective save: rank 0 requeues through submitit, every rank exits.
+    def requeue_and_exit(self, rank: int, barrier: Callable[[], None] | None = None) -> None:
+        """After the collective save: rank 0 requeues through submitit, then every rank exits.
 
         submitit's handler checks for a timeout (and counts it against ``max_num_timeout``),
         calls ``checkpoint()`` (which returns the same callable), dumps it, requeues the job
-        (``scontrol requeue`` on SLURM, exit code 144 on the local backend) and exits. Other
-        ranks exit without a result file, exactly as submitit's own non-zero ranks would.
+        (``scontrol requeue`` on SLURM, exit code 144 on the local backend) and exits. The
+        ranks meet at ``barrier`` once that is done, so no rank's exit can cut the requeue
+        short (``srun --kill-on-bad-exit`` would), and they leave without a result file,
+        exactly as submitit's own non-zero ranks do.
         """
         previous = self._previous
-        if rank == 0 and callable(previous) and self._sig is not None:
-            previous(self._sig, None)
-        if rank == 0:
-            print("preempted: checkpoint saved, but no submitit job to requeue", flush=True)
+        try:
+            if rank == 0 and callable(previous) and self._sig is not None:
+                previous(self._sig, None)  # raises SystemExit (requeued) or UncompletedJobError
+            elif rank == 0:
+                print("preempted: checkpoint saved; not a submitit job, nothing to requeue")
+        finally:
+            if barrier is not None:
+                barrier()
         sys.exit(-1)

@@ -162,7 +162,8 @@ def _failed_local(jobs: list[Any], shards: list[int]) -> list[tuple[int, str, st
 def _failure_text(stage: str, failed: list[tuple[int, str, str]]) -> str:
     lines = [f"{stage}: {len(failed)} shard(s) failed for good:"]
     for shard, log, why in failed:
-        lines.append(f"  shard {S.shard_name(shard)}: {why}\n    log: {log}")
+        what = f"shard {S.shard_name(shard)}" if shard >= 0 else "merge"  # -1: the merge job
+        lines.append(f"  {what}: {why}\n    log: {log}")
     return "\n".join(lines)
 
 

@@ -59,7 +59,13 @@ def _stage(
     row: dict[str, Any] = {"kind": info["kind"], "jobs": sorted(set(info["shards"].values()))}
     if not (stage_dir / "plan.json").exists():
         jid = info.get("job")
-        row.update(state=states.get(jid or "", "UNKNOWN"), job=jid)
+        state = states.get(jid or "", "UNKNOWN" if info["kind"] == "slurm" else "-")
+        if stage == "train" and (run_dir / "train" / "COMPLETE").exists():
+            state = "COMPLETED"
+        if stage == "report" and (run_dir / "results" / "report.json").exists():
+            state = "COMPLETED"
+        row.update(state=state, job=jid, log=str(run_dir / "logs" / f"{jid}_0_log.err"))
+        row["failed"] = int(state in E.FAILED_STATES)
         return row
     plan = S.load_plan(stage_dir)
     done = S.completed(stage_dir)
@@ -117,7 +123,9 @@ def render(data: dict[str, Any]) -> str:
     for st, row in data["stages"].items():
         lines.append("")
         if "shards" not in row:
-            lines.append(f"{st:<10} job {row.get('job')}  {row.get('state')}")
+            lines.append(f"{st:<10} job {row.get('job') or '-'}  {row.get('state')}")
+            if row["failed"]:
+                lines.append(f"{'':<10} FAILED  log {row['log']}")
             continue
         lines.append(
             f"{st:<10} shards {row['done']}/{row['shards']} done  {row['running']} running  "
@@ -129,6 +137,9 @@ def render(data: dict[str, Any]) -> str:
         )
         jobs = ", ".join(sorted({j.split("_")[0] for j in row["jobs"]})) or "-"
         lines.append(f"{'':<10} jobs {jobs} ({row['kind']})  merge job {row['merge_job'] or '-'}")
+        if row["merge"] in E.FAILED_STATES:
+            lines.append(f"{'':<10} merge job FAILED  log "
+                         f"{Path(data['run_dir']) / 'logs' / (str(row['merge_job']) + '_0_log.err')}")
         for f in row["failed_shards"]:
             lines.append(
                 f"{'':<10} FAILED shard {S.shard_name(f['shard'])} job {f['job']} "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,9 @@ def validate(cfg: C.TrainConfig) -> int:
     check_remote_code(check_model_dir(cfg.student), cfg.trust_remote_code)
     load_deepspeed_config(cfg.deepspeed)
     if cfg.resume_from_checkpoint and not Path(cfg.resume_from_checkpoint).is_dir():
-        raise C.ConfigError(f"--resume-from-checkpoint {cfg.resume_from_checkpoint}: no such folder")
+        raise C.ConfigError(
+            f"--resume-from-checkpoint {cfg.resume_from_checkpoint}: no such folder"
+        )
     job_shape(cfg)
     return n
 
@@ -70,6 +73,61 @@ def payload_of(cfg: C.TrainConfig) -> dict[str, Any]:
     return d
 
 
+def train_complete(cfg: C.TrainConfig) -> bool:
+    """True when this run folder already holds a finished training into ``cfg``'s out_dir."""
+    from jobs.train import finished
+
+    cfg = resolve_paths(cfg)
+    return finished(cfg.run_dir, str(cfg.out_dir)) is not None
+
+
+def submit_train(
+    cfg: C.TrainConfig, *, dependency: Sequence[str] = (), kind: str | None = None
+) -> tuple[Any | None, dict[str, Any] | None]:
+    """Submit the training job; the caller holds the run lock (``launch_train``, the pipeline).
+
+    The data is validated here when it exists already; in a pipeline it is written by a job
+    this one depends on, and the job validates it (file:line errors) when it starts.
+    Returns (job, None) on SLURM, and (None, summary) locally, where it runs to the end.
+    """
+    from cot.records import atomic_write_text
+    from jobs.train import Train
+
+    cfg = resolve_paths(cfg)
+    if (cfg.data and Path(cfg.data).exists()) or not dependency:
+        validate(cfg)
+    run_dir = Path(cfg.run_dir)
+    out_dir = Path(str(cfg.out_dir))
+    tasks, gpus = job_shape(cfg)
+    C.save_resolved(run_dir, "train", cfg)
+    atomic_write_text(out_dir / "config.yaml", yaml_dump(C.to_dict(cfg)))
+    ex = E.Executor(cfg, run_dir / "logs", name=f"cot-train {run_dir.name}", kind=kind)
+    # The local backend has one "node": run the whole world there, so results match SLURM.
+    nodes, per_node = (cfg.nodes, tasks) if ex.kind == "slurm" else (1, cfg.nodes * tasks)
+    job = ex.submit(
+        Train(),
+        payload_of(cfg),
+        nodes=nodes,
+        tasks_per_node=per_node,
+        gpus=gpus,
+        dependency=list(dependency),
+    )
+    runs.record_launch(
+        run_dir,
+        "train",
+        {"kind": ex.kind, "job": str(job.job_id), "nodes": nodes, "tasks_per_node": per_node},
+    )
+    after = f" (afterok {', '.join(dependency)})" if dependency else ""
+    print(
+        f"train: job {job.job_id} on {ex.kind}{after}: {nodes} node(s) x {per_node} "
+        f"process(es), out {out_dir}, logs {run_dir / 'logs'}",
+        flush=True,
+    )
+    if ex.kind == "slurm":
+        return job, None
+    return None, wait_train(job, ex.kind, run_dir, out_dir)
+
+
 def launch_train(cfg: C.TrainConfig) -> int:
     """Run (or submit) a training end to end; returns an exit code.
 
@@ -77,46 +135,40 @@ def launch_train(cfg: C.TrainConfig) -> int:
         RecordError, ModelError, ConfigError, ValueError: bad input, before any submission.
         StageFailed: the job failed; the message names its log files.
     """
-    from cot.records import atomic_write_text
-    from jobs.train import Train, finished
+    from jobs.train import finished
 
     cfg = resolve_paths(cfg)
     n_records = validate(cfg)
+    print(f"train: {n_records} training records in {cfg.data}")
     run_dir = runs.make_run_dir(cfg.run_dir)
-    out_dir = Path(str(cfg.out_dir))
-    tasks, gpus = job_shape(cfg)
     with runs.run_lock(run_dir):
-        done = finished(run_dir, out_dir)
+        done = finished(run_dir, str(cfg.out_dir))
         if done is not None:
-            print(f"train: already complete ({done.get('global_step')} steps), adapter in "
-                  f"{done.get('adapter')}")
+            print(
+                f"train: already complete ({done.get('global_step')} steps), adapter in "
+                f"{done.get('adapter')}"
+            )
             return 0
-        C.save_resolved(run_dir, "train", cfg)
-        import yaml
-
-        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(C.to_dict(cfg), sort_keys=False))
-        ex = E.Executor(cfg, run_dir / "logs", name=f"cot-train {run_dir.name}")
-        live = _live_job(run_dir) if ex.kind == "slurm" else None
+        kind = E.choose_cluster(cfg.cluster)
+        live = _live_job(run_dir) if kind == "slurm" else None
         if live:
             print(f"train: job {live} is already queued or running for {run_dir}; not resubmitted")
             return 0
-        # The local backend has one "node": run the whole world there, so results match SLURM.
-        nodes, per_node = (cfg.nodes, tasks) if ex.kind == "slurm" else (1, cfg.nodes * tasks)
-        job = ex.submit(Train(), payload_of(cfg), nodes=nodes, tasks_per_node=per_node, gpus=gpus)
-        runs.record_launch(
-            run_dir,
-            "train",
-            {"kind": ex.kind, "job": str(job.job_id), "nodes": nodes, "tasks_per_node": per_node},
-        )
-        print(
-            f"train: {n_records} records, job {job.job_id} on {ex.kind}: {nodes} node(s) x "
-            f"{per_node} process(es), out {out_dir}, logs {run_dir / 'logs'}",
-            flush=True,
-        )
-        if ex.kind == "slurm" and not cfg.wait:
+        job, _ = submit_train(cfg, kind=kind)
+        if job is None:
+            return 0
+        if not cfg.wait:
             print(f"  status: python -m hpc.launch status {run_dir}")
             return 0
-        return wait_train(job, ex.kind, run_dir, out_dir)
+        wait_train(job, kind, run_dir, Path(str(cfg.out_dir)))
+        return 0
+
+
+def yaml_dump(data: dict[str, Any]) -> str:
+    """YAML text of a config dict, in field order."""
+    import yaml
+
+    return str(yaml.safe_dump(data, sort_keys=False))
 
 
 def _live_job(run_dir: Path) -> str | None:
@@ -142,7 +194,7 @@ def _progress(out_dir: Path) -> str | None:
     return f"train: step {row['step']}  loss {row['loss']:.4f}  {row['tokens_per_s']:.0f} tok/s"
 
 
-def wait_train(job: Any, kind: str, run_dir: Path, out_dir: Path) -> int:
+def wait_train(job: Any, kind: str, run_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Block until the job ends; print progress; raise StageFailed with the logs on failure."""
     interval = 1.0 if kind == "local" else poll_interval()
     last = None
@@ -154,8 +206,9 @@ def wait_train(job: Any, kind: str, run_dir: Path, out_dir: Path) -> int:
             last = line
         time.sleep(interval)
     try:
-        result = job.result()
-    except Exception as e:  # noqa: BLE001 - any job failure is reported with its logs
+        # One result per process; rank 0's carries the summary.
+        result = job.results()[0]
+    except Exception as e:  # any job failure is reported with its logs
         why = (str(e).strip().splitlines() or ["failed"])[-1][:300]
         logs = run_dir / "logs" / f"{job.job_id}_*_log.err"
         raise StageFailed(f"train: job {job.job_id} failed: {why}\n  logs: {logs}") from None
@@ -166,4 +219,4 @@ def wait_train(job: Any, kind: str, run_dir: Path, out_dir: Path) -> int:
         f"\n  plot:    {out_dir / 'training_loss.png'}",
         flush=True,
     )
-    return 0
+    return result

@@ -80,7 +80,7 @@ class Train(submitit.helpers.Checkpointable):
         result = run_training(cfg, out_dir=out_dir, stop_requested=flag)
         if result.preempted:
             print(f"train: preempted at step {result.global_step}; requeueing", flush=True)
-            flag.requeue_and_exit(renv.rank)
+            flag.requeue_and_exit(renv.rank, barrier=_barrier)
         summary = {
             **result.to_dict(),
             "status": "complete",
@@ -97,6 +97,13 @@ class Train(submitit.helpers.Checkpointable):
         return summary
 
 
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def _shutdown() -> None:
     """Leave the process group cleanly once every rank is done (no stray gloo warnings)."""
     import torch.distributed as dist
@@ -105,3 +112,31 @@ def _shutdown() -> None:
         dist.barrier()
         dist.destroy_process_group()
     os.environ.pop("MASTER_PORT", None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the training in this process, under a launcher instead of a scheduler.
+
+    ``accelerate launch --config_file templates/accelerate_zero2.yaml -m jobs.train FLAGS`` or
+    ``torchrun --nproc-per-node 2 -m jobs.train FLAGS``: every process parses the same ``train``
+    flags as ``python -m hpc.launch train`` and joins the launcher's rendezvous.
+    """
+    import sys
+
+    from hpc import config as C
+    from hpc.launch import build_parser
+    from hpc.train_stage import payload_of, resolve_paths, validate
+
+    ns = build_parser().parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    fields = C.fields_of(C.TrainConfig)
+    flags = {k: v for k, v in vars(ns).items() if k in fields}
+    cfg = resolve_paths(C.load_config(C.TrainConfig, "train", ns.config, flags))
+    validate(cfg)
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    summary = Train()(payload_of(cfg))
+    print(f"train: {summary['status']}: adapter in {summary.get('adapter')}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

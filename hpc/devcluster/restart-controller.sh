@@ -17,7 +17,7 @@ T0=$(date +%s.%N)
 alive() {
     local pid
     [[ -s $PIDFILE ]] || return 1
-    pid=$(<"$PIDFILE")
+    pid=$(cat -- "$PIDFILE" 2>/dev/null) || return 1  # removed as slurmctld exits
     [[ $pid =~ ^[0-9]+$ && -r /proc/$pid/comm && $(</proc/$pid/comm) == slurmctld ]] || return 1
     [[ $(awk '{ print $3 }' "/proc/$pid/stat" 2>/dev/null) != Z ]]
 }

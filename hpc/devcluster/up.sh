@@ -87,7 +87,7 @@ die() {
 alive() {
     local pid
     [[ -s $1 ]] || return 1
-    pid=$(<"$1")
+    pid=$(cat -- "$1" 2>/dev/null) || return 1  # the daemon removes it as it exits
     [[ $pid =~ ^[0-9]+$ ]] || return 1
     [[ -r /proc/$pid/comm && $(</proc/$pid/comm) == "$2" ]] || return 1
     # a zombie (not reaped when PID 1 does not reap) counts as stopped

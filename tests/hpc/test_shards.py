@@ -58,7 +58,7 @@ def test_plan_ranges_balanced_contiguous_and_complete(tmp_path: Path, n: int, sh
     plan = S.make_plan(path, ids, shards)
     assert len(plan.ranges) == shards
     assert plan.ranges[0][0] == 0 and plan.ranges[-1][1] == n
-    for (_, hi), (lo, _) in zip(plan.ranges, plan.ranges[1:]):
+    for (_, hi), (lo, _) in zip(plan.ranges, plan.ranges[1:], strict=False):
         assert hi == lo  # contiguous, no gap, no overlap
     sizes = [hi - lo for lo, hi in plan.ranges]
     assert max(sizes) - min(sizes) <= 1
@@ -73,7 +73,14 @@ def test_plan_is_deterministic_and_pins_the_input(tmp_path: Path) -> None:
     b = S.make_plan(path, list(ids), 6, samples=2, selection={"start_index": 0})
     assert a.to_json() == b.to_json()
     assert a.input_sha256 == S.sha256_file(path)
-    assert a.keys(0) == [(ids[0], 0), (ids[0], 1), (ids[1], 0), (ids[1], 1), (ids[2], 0), (ids[2], 1)]
+    assert a.keys(0) == [
+        (ids[0], 0),
+        (ids[0], 1),
+        (ids[1], 0),
+        (ids[1], 1),
+        (ids[2], 0),
+        (ids[2], 1),
+    ]
 
 
 def test_plan_more_shards_than_records_names_the_file(tmp_path: Path) -> None:
