@@ -29,8 +29,9 @@ def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="cothpc-launch-"))
     inp = tmp / "q.jsonl"
-    inp.write_text("".join(json.dumps({"question": f"What is {i} + 1?"}) + "\n"
-                           for i in range(args.shards)))
+    inp.write_text(
+        "".join(json.dumps({"question": f"What is {i} + 1?"}) + "\n" for i in range(args.shards))
+    )
     real = subprocess.run(["which", "sbatch"], capture_output=True, text=True).stdout.strip()
     bindir = tmp / "bin"
     bindir.mkdir()
@@ -39,16 +40,35 @@ def main() -> None:
     wrapper.write_text(f'#!/bin/sh\necho x >> "{counter}"\nexec "{real}" "$@"\n')
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
-    max_array = int(subprocess.run(
-        ["scontrol", "show", "config"], capture_output=True, text=True, check=True
-    ).stdout.split("MaxArraySize", 1)[1].split("=", 1)[1].split()[0])
+    max_array = int(
+        subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True)
+        .stdout.split("MaxArraySize", 1)[1]
+        .split("=", 1)[1]
+        .split()[0]
+    )
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "hpc.launch", "--help"], cwd=REPO, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "hpc.launch", "--help"], cwd=REPO, check=True, capture_output=True
+    )
     help_s = time.perf_counter() - t
-    cmd = [sys.executable, "-m", "hpc.launch", "generate", "--cluster", "slurm",
-           "--shards", str(args.shards), "--input", str(inp), "--run-dir", str(tmp / "run"),
-           "--teacher", str(REPO / "models/tiny/teacher"), "--time-min", "60"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hpc.launch",
+        "generate",
+        "--cluster",
+        "slurm",
+        "--shards",
+        str(args.shards),
+        "--input",
+        str(inp),
+        "--run-dir",
+        str(tmp / "run"),
+        "--teacher",
+        str(REPO / "models/tiny/teacher"),
+        "--time-min",
+        "60",
+    ]
     t = time.perf_counter()
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     launch_s = time.perf_counter() - t
@@ -63,9 +83,13 @@ def main() -> None:
     want = math.ceil(args.shards / max_array) + 1  # the arrays, plus the afterok merge job
     print(f"CLI --help: {help_s:.2f}s")
     print(f"submit {args.shards} shards: {launch_s:.2f}s (whole command, Python start included)")
-    print(f"sbatch calls: {calls} = {len(sub.get('arrays', []))} array(s) + 1 merge job; "
-          f"ceil({args.shards}/{max_array}) + 1 = {want}")
-    print(f"goal: {want} calls and < 5 s -> {'met' if calls == want and launch_s < 5 else 'MISSED'}")
+    print(
+        f"sbatch calls: {calls} = {len(sub.get('arrays', []))} array(s) + 1 merge job; "
+        f"ceil({args.shards}/{max_array}) + 1 = {want}"
+    )
+    print(
+        f"goal: {want} calls and < 5 s -> {'met' if calls == want and launch_s < 5 else 'MISSED'}"
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,17 @@ def make_synthetic(stage_dir: Path, gb: float, shards: int, record_bytes: int = 
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", encoding="utf-8") as fh:
             fh.writelines(
-                json.dumps({"id": ids[k], "sample": 0, "category": "arithmetic", "cot": pad,
-                            "teacher_answer": str(k), "correct": k % 2 == 0}) + "\n"
+                json.dumps(
+                    {
+                        "id": ids[k],
+                        "sample": 0,
+                        "category": "arithmetic",
+                        "cot": pad,
+                        "teacher_answer": str(k),
+                        "correct": k % 2 == 0,
+                    }
+                )
+                + "\n"
                 for k in range(lo, hi)
             )
         marker = S.marker_path(stage_dir, shard)
@@ -76,8 +85,10 @@ def main() -> None:
     n = make_synthetic(stage, args.gb, args.shards)
     files = sorted((stage / "shards").glob("*.jsonl"))
     size = sum(f.stat().st_size for f in files)
-    print(f"synthetic: {n:,} records, {size / 1e6:,.0f} MB in {len(files)} shards "
-          f"({time.perf_counter() - t:.1f}s to write)")
+    print(
+        f"synthetic: {n:,} records, {size / 1e6:,.0f} MB in {len(files)} shards "
+        f"({time.perf_counter() - t:.1f}s to write)"
+    )
     # Warm the page cache equally for both contenders.
     subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
     results = {}
@@ -89,8 +100,9 @@ def main() -> None:
             os.fsync(out.fileno())
         results["cat"] = min(results.get("cat", 1e9), time.perf_counter() - t)
         code = CHILD.format(repo=str(REPO), stage=str(stage))
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             check=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.split()
         dt, total, rss_kb = float(out[0]), int(out[1]), int(out[2])
         assert total == n, (total, n)
         results["merge"] = min(results.get("merge", 1e9), dt)

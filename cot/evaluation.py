@@ -30,7 +30,9 @@ def score(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     cats: dict[str, dict[str, int]] = {}
     total = {"n": 0, "correct": 0, "formatted": 0}
     for rec in records:
-        c = cats.setdefault(str(rec.get("category") or "all"), {"n": 0, "correct": 0, "formatted": 0})
+        c = cats.setdefault(
+            str(rec.get("category") or "all"), {"n": 0, "correct": 0, "formatted": 0}
+        )
         fmt = follows_format(rec.get("generated", ""))
         for d in (c, total):
             d["n"] += 1
@@ -93,12 +95,19 @@ def plot(scores: dict[str, Any], base: dict[str, Any] | None, path: Path) -> Non
     xs = range(len(cats))
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.4 if base else 0.8
-    ax.bar([x - (width / 2 if base else 0) for x in xs],
-           [scores["per_category"][c]["accuracy"] for c in cats], width, label="student + LoRA")
+    ax.bar(
+        [x - (width / 2 if base else 0) for x in xs],
+        [scores["per_category"][c]["accuracy"] for c in cats],
+        width,
+        label="student + LoRA",
+    )
     if base:
-        ax.bar([x + width / 2 for x in xs],
-               [base["per_category"].get(c, {"accuracy": 0})["accuracy"] for c in cats],
-               width, label="base student")
+        ax.bar(
+            [x + width / 2 for x in xs],
+            [base["per_category"].get(c, {"accuracy": 0})["accuracy"] for c in cats],
+            width,
+            label="base student",
+        )
         ax.legend()
     ax.set_xticks(list(xs), cats, rotation=20)
     ax.set_ylim(0, 1)

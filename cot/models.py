@@ -154,7 +154,7 @@ def load_model(
             bnb_4bit_compute_dtype=torch_dtype,
         )
         kwargs["device_map"] = {"": 0 if dev == "cuda" else dev}
-    model = AutoModelForCausalLM.from_pretrained(str(p), **kwargs)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(p), **kwargs)
     if "device_map" not in kwargs:
         model.to(dev)
     model.eval()
@@ -165,8 +165,12 @@ def load_model(
 # Tiny models: built offline for tests and the demo.
 # ---------------------------------------------------------------------------------------------
 
-TINY_TEACHER = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2}
-TINY_STUDENT = {"hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 2}
+TINY_TEACHER: dict[str, Any] = {
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 2,
+}
+TINY_STUDENT: dict[str, Any] = {"hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 2}
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 600) -> Any:
@@ -179,7 +183,7 @@ def train_tokenizer(texts: list[str], vocab_size: int = 600) -> Any:
     from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
     # Borrow the exact normalizer/pre-tokenizer/decoder from a blank Qwen2Tokenizer.
-    blank = Qwen2Tokenizer()._tokenizer
+    blank: Any = Qwen2Tokenizer()._tokenizer
     tok = Tokenizer(models.BPE())
     tok.normalizer = blank.normalizer
     tok.pre_tokenizer = blank.pre_tokenizer
@@ -195,13 +199,13 @@ def train_tokenizer(texts: list[str], vocab_size: int = 600) -> Any:
     tok.train_from_iterator(texts, trainer=trainer)
     data = json.loads(tok.to_str())
     vocab = data["model"]["vocab"]
-    merges = [
+    merges: Any = [
         tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in data["model"]["merges"]
     ]
     hf = Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,
-        unk_token=None,
+        unk_token=None,  # type: ignore[arg-type]  # byte-level BPE needs no unk token
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],

@@ -5,7 +5,7 @@ environment and hands in a ``stop_requested`` function; everything else is plain
 
 - **Data.** Each record becomes ``student_prompt(question) + cot + EOS``. The loss falls on the
   answer tokens only: the mask comes from the character offsets of the one tokenisation of the
-  whole text (a token counts as answer when it starts at or after the prompt's last character),
+  whole text (a token counts as answer when it starts at or after the end of the prompt),
   never from searching for a re-tokenised marker, which breaks when BPE merges across the seam.
 - **Batches.** A seeded, epoch-aware sampler sorts shuffled megabatches by length, so each
   micro-batch holds similar lengths and padding stays small; the order depends only on
@@ -569,14 +569,12 @@ def make_callbacks(
         def __init__(self) -> None:
             self.t_last = time.time()
             self.tokens_last = 0
-            self.step_last = 0
             self.step_times: list[float] = []
             self.t_step = time.time()
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
             self.t_last = self.t_step = time.time()
             self.tokens_last = state.num_input_tokens_seen
-            self.step_last = state.global_step
             if state.is_world_process_zero:
                 truncate_metrics(metrics_path, state.global_step)
             return control
@@ -776,12 +774,6 @@ def save_adapter_atomically(model: Any, tokenizer: Any, dest: Path) -> Path:
     os.replace(tmp, dest)
     shutil.rmtree(old, ignore_errors=True)
     return dest
-
-
-def steps_per_epoch(n_examples: int, micro_batch: int, world: int, accum: int) -> int:
-    """Optimizer steps per epoch as the Trainer counts them (for logging and planning)."""
-    batches = math.ceil(n_examples / (micro_batch * world))
-    return max(1, batches // accum)
 
 
 def _choose_resume(explicit: str | None, root: Path) -> str | None:

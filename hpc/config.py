@@ -294,7 +294,7 @@ def load_config(
     if config_file is not None:
         path = Path(config_file)
         sections = _yaml_sections(path)
-        for name, (_, lines) in sections.items():
+        for name in sections:
             if name not in STAGES and name != "cluster":
                 known = ", ".join(sorted([*STAGES, "cluster"]))
                 raise ConfigError(f"{path}: unknown section '{name}' (known sections: {known})")

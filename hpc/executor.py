@@ -301,3 +301,32 @@ def job_states(ids: Sequence[str]) -> dict[str, str] | None:
         for one in _expand(jid.strip()):
             states[one] = state.split()[0] if state.strip() else "UNKNOWN"
     return states
+
+
+def live_jobs(ids: Sequence[str]) -> set[str]:
+    """Which of ``ids`` are queued or running: from sacct, or from squeue when sacct can't answer.
+
+    Relaunching must never resubmit a shard whose earlier task is still alive (two tasks would
+    then append to one shard file), so when neither tool answers this raises instead of guessing.
+    """
+    ids = [str(i) for i in ids if i]
+    if not ids:
+        return set()
+    states = job_states(ids)
+    if states is not None:
+        return {i for i in ids if states.get(i, "") in ACTIVE_STATES}
+    roots = sorted({i.split("_")[0] for i in ids})
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-o", "%i", "-j", ",".join(roots)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"neither sacct nor squeue answers ({e}); cannot tell live jobs") from e
+    if out.returncode != 0 and "Invalid job id" not in out.stderr:
+        raise RuntimeError(f"neither sacct nor squeue answers: {out.stderr.strip()}")
+    queued = {one for line in out.stdout.split() for one in _expand(line.strip())}
+    return {i for i in ids if i in queued or (i.split("_")[0] in queued and "_" not in i)}

@@ -176,7 +176,9 @@ def cmd_evaluate(cfg: C.EvaluateConfig, ns: argparse.Namespace) -> int:
         if cfg.compare_base:
             base_cfg = dataclasses.replace(cfg, lora_model=None, output=None)
             subs.append(
-                submit_sharded("evaluate_base", base_cfg, EvaluateShard(), check_models=check_models)
+                submit_sharded(
+                    "evaluate_base", base_cfg, EvaluateShard(), check_models=check_models
+                )
             )
         deps = [d for s in subs for d in s.dependency]
         job, report = submit_after(
@@ -191,7 +193,9 @@ def cmd_evaluate(cfg: C.EvaluateConfig, ns: argparse.Namespace) -> int:
         report = job.result()
     print(f"report: {run_dir / 'results' / 'report.md'}")
     o = report["student"]["overall"]
-    print(f"accuracy {o['accuracy']:.1%}  format compliance {o['format_compliance']:.1%}  n={o['n']}")
+    print(
+        f"accuracy {o['accuracy']:.1%}  format compliance {o['format_compliance']:.1%}  n={o['n']}"
+    )
     return 0
 
 
@@ -332,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "pipeline":
             return cmd_pipeline(ns)
         section, cls, handler, _ = COMMANDS[ns.command]
-        cfg = C.load_config(cls, section, ns.config, _overrides(ns, cls))
+        cfg: Any = C.load_config(cls, section, ns.config, _overrides(ns, cls))
         return handler(cfg, ns)
     except (ConfigError, RecordError, ModelError, PlanError, RunLockedError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

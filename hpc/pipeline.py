@@ -32,7 +32,9 @@ class Stages:
     tiny: C.TinyModelsConfig
 
 
-def resolve(config_file: str | None, sets: dict[str, dict[str, Any]], common: dict[str, Any]) -> Stages:
+def resolve(
+    config_file: str | None, sets: dict[str, dict[str, Any]], common: dict[str, Any]
+) -> Stages:
     """Load each stage's section; ``common`` flags (run dir, cluster...) apply to every stage."""
 
     def load(cls: type, name: str) -> Any:
@@ -56,7 +58,7 @@ def resolve(config_file: str | None, sets: dict[str, dict[str, Any]], common: di
 
 
 def _ensure_inputs(st: Stages) -> None:
-    """Write the dataset if missing; build the tiny models if the config uses them and they're missing."""
+    """Write the dataset if missing; build the tiny models when the config uses them."""
     from cot.dataset import write_splits
 
     for path in (st.generate.input, st.evaluate.input):
@@ -105,8 +107,15 @@ def run_pipeline(st: Stages) -> int:
         check_remote_code(check_model_dir(train.student), train.trust_remote_code)
         check_student()
 
-        g = submit_sharded("generate", gen, GenerateShard(), check_models=check_teacher,
-                           keep=gen.keep, samples=gen.samples_per_question, kind=kind)
+        g = submit_sharded(
+            "generate",
+            gen,
+            GenerateShard(),
+            check_models=check_teacher,
+            keep=gen.keep,
+            samples=gen.samples_per_question,
+            kind=kind,
+        )
         train_data = train.data or str(run_dir / "generate" / "merged.jsonl")
         train = dataclasses.replace(train, data=train_data)
         train_out = Path(train.out_dir or run_dir / "train")
@@ -117,17 +126,28 @@ def run_pipeline(st: Stages) -> int:
             job, _ = submit_train(train, dependency=g.dependency, kind=kind)
             train_deps = [str(job.job_id).split("_")[0]] if job is not None else []
         ev = dataclasses.replace(ev, lora_model=ev.lora_model or str(train_out / "adapter"))
-        e = submit_sharded("evaluate", ev, EvaluateShard(), check_models=check_student,
-                           dependency=train_deps, kind=kind)
+        e = submit_sharded(
+            "evaluate",
+            ev,
+            EvaluateShard(),
+            check_models=check_student,
+            dependency=train_deps,
+            kind=kind,
+        )
         subs = [e]
         if ev.compare_base:
             base = dataclasses.replace(ev, lora_model=None, output=None)
-            subs.append(submit_sharded("evaluate_base", base, EvaluateShard(),
-                                       check_models=check_student, kind=kind))
+            subs.append(
+                submit_sharded(
+                    "evaluate_base", base, EvaluateShard(), check_models=check_student, kind=kind
+                )
+            )
         deps = [d for s in subs for d in s.dependency]
         report_md = run_dir / "results" / "report.md"
         if deps or not report_md.exists():
-            job, _ = submit_after(ev, run_dir, "report", Report(), (rd, ev.compare_base), deps, kind)
+            job, _ = submit_after(
+                ev, run_dir, "report", Report(), (rd, ev.compare_base), deps, kind
+            )
         else:
             job = None
             print("report: already written")
@@ -154,5 +174,7 @@ def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
         section, dot, name = key.partition(".")
         if not eq or not dot or not name:
             raise C.ConfigError(f"--set {item!r}: expected STAGE.KEY=VALUE, e.g. train.epochs=1")
-        out.setdefault(section.replace("-", "_"), {})[name.replace("-", "_")] = yaml.safe_load(value)
+        out.setdefault(section.replace("-", "_"), {})[name.replace("-", "_")] = yaml.safe_load(
+            value
+        )
     return out

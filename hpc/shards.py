@@ -317,10 +317,15 @@ def _merge_fast(stage_dir: Path, plan: Plan, out: IO[bytes]) -> int:
                 want = expected[pos : pos + lines]
                 keys = _block_keys(data, lines, want)
                 if keys != want:
-                    n = next((k for k, (a, b) in enumerate(zip(keys, want)) if a != b), len(want))
+                    n = next(
+                        (k for k, (a, b) in enumerate(zip(keys, want, strict=False)) if a != b),
+                        len(want),
+                    )
                     wanted = plan.keys(shard)[pos + n] if pos + n < len(expected) else None
                     found = (keys[n][0].decode(errors="replace"), int(keys[n][1]))
-                    raise PlanError(f"{path}:{pos + n + 1}: expected record {wanted}, found {found}")
+                    raise PlanError(
+                        f"{path}:{pos + n + 1}: expected record {wanted}, found {found}"
+                    )
                 out.write(data)
                 pos += len(keys)
         if pos != len(expected):

@@ -106,7 +106,9 @@ def submit_sharded(
     if ex.kind == "slurm":
         return _submit_slurm(done, ex, todo, worker, payload, outputs, keep, dependency)
     jobs = ex.submit_array([(worker, (payload, i, stage)) for i in todo])
-    runs.record_launch(run_dir, stage, {"kind": "local", "shards": dict(zip(todo, _ids(jobs)))})
+    runs.record_launch(
+        run_dir, stage, {"kind": "local", "shards": dict(zip(todo, _ids(jobs), strict=True))}
+    )
     ex.drain_local()
     failed = _failed_local(jobs, todo)
     if failed:
@@ -128,7 +130,12 @@ def launch_sharded(stage: str, cfg: Any, worker: Any, **kwargs: Any) -> int:
 
 
 def submit_after(
-    cfg: Any, run_dir: Path, name: str, fn: Any, args: tuple[Any, ...], dependency: Sequence[str],
+    cfg: Any,
+    run_dir: Path,
+    name: str,
+    fn: Any,
+    args: tuple[Any, ...],
+    dependency: Sequence[str],
     kind: str,
 ) -> tuple[Any | None, Any]:
     """Run a single-task step after ``dependency``: a SLURM job (afterok), or inline locally.
@@ -150,10 +157,10 @@ def _ids(jobs: list[Any]) -> list[str]:
 
 def _failed_local(jobs: list[Any], shards: list[int]) -> list[tuple[int, str, str]]:
     failed = []
-    for shard, job in zip(shards, jobs):
+    for shard, job in zip(shards, jobs, strict=True):
         try:
             job.result()
-        except Exception as e:  # noqa: BLE001 - any job failure is reported with its log
+        except Exception as e:
             last = str(e).strip().splitlines()[-1:] or ["failed"]
             failed.append((shard, str(job.paths.stderr), last[0][:300]))
     return failed
@@ -181,8 +188,8 @@ def _submit_slurm(
 
     stage, run_dir = done.stage, done.run_dir
     known = runs.latest_jobs(run_dir, stage)["shards"]
-    states = E.job_states([known[i] for i in todo if i in known]) or {}
-    live = {i: known[i] for i in todo if states.get(known.get(i, ""), "") in E.ACTIVE_STATES}
+    alive = E.live_jobs([known[i] for i in todo if i in known])
+    live = {i: known[i] for i in todo if known.get(i) in alive}
     if live:
         print(
             f"{stage}: {len(live)} shard(s) already queued or running, not resubmitted: "
@@ -201,7 +208,7 @@ def _submit_slurm(
         stage,
         {
             "kind": "slurm",
-            "shards": dict(zip(submit, _ids(jobs))),
+            "shards": dict(zip(submit, _ids(jobs), strict=True)),
             "merge": str(merge.job_id),
             "arrays": done.array_ids,
         },
@@ -220,6 +227,7 @@ def wait_stage(sub: Submitted) -> dict[str, Any]:
     from jobs.merge import describe
 
     stage, run_dir, plan, merge = sub.stage, sub.run_dir, sub.plan, sub.merge_job
+    assert merge is not None, "wait_stage needs a submitted merge job"
     stage_dir = run_dir / stage
     interval = poll_interval()
     last = -1

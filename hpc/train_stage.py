@@ -26,11 +26,20 @@ TRAIN_PATHS = ("student", "data", "out_dir", "deepspeed", "resume_from_checkpoin
 
 
 def resolve_paths(cfg: C.TrainConfig) -> C.TrainConfig:
-    """Absolute run folder; out_dir defaults to RUN_DIR/train, data to generate's merge."""
+    """Absolute run folder; out_dir defaults to RUN_DIR/train, data to generate's merge.
+
+    A relative ``--deepspeed`` that is not under the current folder is looked up in the repo,
+    so the shipped ``templates/ds_zero2.json`` default works from anywhere.
+    """
     run_dir = Path(cfg.run_dir).resolve()
     out_dir = Path(cfg.out_dir).resolve() if cfg.out_dir else run_dir / "train"
     data = Path(cfg.data).resolve() if cfg.data else run_dir / "generate" / "merged.jsonl"
-    return dataclasses.replace(cfg, run_dir=str(run_dir), out_dir=str(out_dir), data=str(data))
+    ds = cfg.deepspeed
+    if ds and not Path(ds).is_absolute() and not Path(ds).exists() and (C.REPO_ROOT / ds).exists():
+        ds = str(C.REPO_ROOT / ds)
+    return dataclasses.replace(
+        cfg, run_dir=str(run_dir), out_dir=str(out_dir), data=str(data), deepspeed=ds
+    )
 
 
 def job_shape(cfg: C.TrainConfig) -> tuple[int, int]:
@@ -47,13 +56,17 @@ def job_shape(cfg: C.TrainConfig) -> tuple[int, int]:
     return tasks, gpus
 
 
-def validate(cfg: C.TrainConfig) -> int:
-    """Check everything a job would trip over; returns the number of training records."""
+def validate(cfg: C.TrainConfig, *, check_data: bool = True) -> int:
+    """Check everything a job would trip over; returns the number of training records.
+
+    ``check_data=False`` is for a pipeline, where the data is written by a job this one waits
+    for; the job then checks it (file:line errors) when it starts.
+    """
     from cot.models import check_model_dir, check_remote_code
     from cot.training import load_deepspeed_config, read_training_records
 
     assert cfg.data is not None
-    n = len(read_training_records(cfg.data))
+    n = len(read_training_records(cfg.data)) if check_data else 0
     check_remote_code(check_model_dir(cfg.student), cfg.trust_remote_code)
     load_deepspeed_config(cfg.deepspeed)
     if cfg.resume_from_checkpoint and not Path(cfg.resume_from_checkpoint).is_dir():
@@ -94,8 +107,7 @@ def submit_train(
     from jobs.train import Train
 
     cfg = resolve_paths(cfg)
-    if (cfg.data and Path(cfg.data).exists()) or not dependency:
-        validate(cfg)
+    validate(cfg, check_data=Path(str(cfg.data)).exists() or not dependency)
     run_dir = Path(cfg.run_dir)
     out_dir = Path(str(cfg.out_dir))
     tasks, gpus = job_shape(cfg)
@@ -194,6 +206,14 @@ def _progress(out_dir: Path) -> str | None:
     return f"train: step {row['step']}  loss {row['loss']:.4f}  {row['tokens_per_s']:.0f} tok/s"
 
 
+def failure_line(text: str) -> str:
+    """The exception line of a submitit failure (its traceback sits between dashed rules)."""
+    parts = text.split("-" * 22)
+    body = parts[1] if len(parts) >= 3 else text
+    lines = [ln.strip() for ln in body.strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else "failed")[:300]
+
+
 def wait_train(job: Any, kind: str, run_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Block until the job ends; print progress; raise StageFailed with the logs on failure."""
     interval = 1.0 if kind == "local" else poll_interval()
@@ -209,12 +229,19 @@ def wait_train(job: Any, kind: str, run_dir: Path, out_dir: Path) -> dict[str, A
         # One result per process; rank 0's carries the summary.
         result = job.results()[0]
     except Exception as e:  # any job failure is reported with its logs
-        why = (str(e).strip().splitlines() or ["failed"])[-1][:300]
-        logs = run_dir / "logs" / f"{job.job_id}_*_log.err"
-        raise StageFailed(f"train: job {job.job_id} failed: {why}\n  logs: {logs}") from None
+        logs = run_dir / "logs"
+        raise StageFailed(
+            f"train: job {job.job_id} failed: {failure_line(str(e))}\n"
+            f"  log: {logs / f'{job.job_id}_0_log.err'} (every rank: {job.job_id}_*_log.err)"
+        ) from None
+    data = result.get("data", {})
+    over = sum(data.get(k, 0) for k in ("truncated", "dropped_overlong", "dropped_no_answer"))
     print(
         f"train: complete in {time.time() - t0:.0f}s: {result.get('global_step')} steps, final "
         f"loss {result.get('final_loss')}, ZeRO stage {result.get('engine', {}).get('zero_stage')}"
+        f"\n  data:    {data.get('kept')} of {data.get('records')} records trained on, "
+        f"{over} over --max-length ({data.get('truncated', 0)} truncated, "
+        f"{data.get('dropped_overlong', 0) + data.get('dropped_no_answer', 0)} dropped)"
         f"\n  adapter: {result.get('adapter')}\n  metrics: {out_dir / 'metrics.jsonl'}"
         f"\n  plot:    {out_dir / 'training_loss.png'}",
         flush=True,

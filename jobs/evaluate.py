@@ -33,7 +33,7 @@ class EvaluateShard(submitit.helpers.Checkpointable):
 
         def load() -> tuple[Any, Any]:
             tok = load_tokenizer(cfg["base_model"], trust_remote_code=cfg["trust_remote_code"])
-            model = load_model(
+            model: Any = load_model(
                 cfg["base_model"], quant=cfg["quant"], trust_remote_code=cfg["trust_remote_code"]
             )
             if lora:

@@ -74,6 +74,10 @@ class Train(submitit.helpers.Checkpointable):
         import torch
 
         torch.set_num_threads(max(1, int(cfg["cpus_per_task"])))
+        if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") == "cpu":
+            # The launcher's default (it cannot see this node's GPUs); DeepSpeed must not run
+            # its CPU accelerator next to CUDA tensors. Set before deepspeed is imported.
+            os.environ["DS_ACCELERATOR"] = "cuda"
         from cot.training import run_training
 
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -111,7 +115,6 @@ def _shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    os.environ.pop("MASTER_PORT", None)
 
 
 def main(argv: list[str] | None = None) -> int:

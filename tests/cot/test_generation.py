@@ -60,7 +60,7 @@ def test_stops_at_final_answer_line(teacher, dataset_dir: Path) -> None:  # type
     ps = prompts(dataset_dir, 8)
     stopped, n_stop = generate_batch(model, tok, ps, max_new_tokens=160)
     free, n_free = generate_batch(model, tok, ps, max_new_tokens=160, stop_at_answer=False)
-    for s, f in zip(stopped, free):
+    for s, f in zip(stopped, free, strict=True):
         assert f.startswith(s)  # same text up to the cut
         assert "\n" not in s.split("Final Answer:")[-1] if "Final Answer:" in s else True
     assert n_stop <= n_free
@@ -74,4 +74,4 @@ def test_right_padding_would_differ(teacher, dataset_dir: Path) -> None:  # type
     enc = tok(ps, return_tensors="pt", padding=True, padding_side="right")
     out = model.generate(**enc, max_new_tokens=48, do_sample=False, pad_token_id=tok.pad_token_id)
     right = [tok.decode(r[enc["input_ids"].shape[1] :], skip_special_tokens=True) for r in out]
-    assert sum(a != b for a, b in zip(left, right)) > 0
+    assert sum(a != b for a, b in zip(left, right, strict=True)) > 0

@@ -19,7 +19,7 @@ def test_tokenizer_round_trip_ids_identical(tmp_path: Path, dataset_dir: Path) -
     recs = read_questions(dataset_dir / "raw_questions.jsonl")
     texts = [r["question"] + "\n" + r["reference_cot"] for r in recs]
     tok = train_tokenizer(texts[:200])
-    probe = texts[200:] + ["  Final Answer: 3/4\n\n", "x = -12.50 km/h (15 years old)", "é ü 日本"]
+    probe = [*texts[200:], "  Final Answer: 3/4\n\n", "x = -12.50 km/h (15 years old)", "é ü 日本"]
     before = [tok(t)["input_ids"] for t in probe]
     tok.save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
@@ -52,7 +52,7 @@ def test_pad_falls_back_to_eos(tiny_models: Path, tmp_path: Path) -> None:
 
 
 def test_missing_and_incomplete_model_folders(tiny_models: Path, tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match=r"nope does not exist"):
+    with pytest.raises(ModelError, match="nope does not exist"):
         check_model_dir(tmp_path / "nope")
     d = tmp_path / "half"
     shutil.copytree(tiny_models / "student", d)
@@ -61,7 +61,7 @@ def test_missing_and_incomplete_model_folders(tiny_models: Path, tmp_path: Path)
     with pytest.raises(ModelError, match=r"half is incomplete: missing weights"):
         load_model(d)
     (d / "config.json").unlink()
-    with pytest.raises(ModelError, match="config.json"):
+    with pytest.raises(ModelError, match=r"config\.json"):
         load_tokenizer(d)
 
 

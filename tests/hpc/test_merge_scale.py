@@ -30,7 +30,9 @@ def test_merge_1gb_bounded_memory(tmp_path: Path) -> None:
     assert size > 0.9e9
     out = subprocess.run(
         [sys.executable, "-c", CHILD.format(repo=str(REPO), stage=str(stage))],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     total, rss_kb = int(out[0]), int(out[1])
     assert total == n

@@ -119,15 +119,8 @@ class Env:
         timeout: float = 420,
     ) -> subprocess.CompletedProcess[str]:
         proc = self.start(argv, sbatch_log=sbatch_log, cwd=cwd)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-            pytest.fail(
-                f"launcher still running after {timeout:.0f}s\n{out[-3000:]}\n{err[-3000:]}"
-            )
-        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+        rc, out, err = _finish(proc, timeout)
+        return subprocess.CompletedProcess(argv, rc, out, err)
 
     def start(
         self, argv: list[str], *, sbatch_log: Path | None = None, cwd: Path | None = None

@@ -21,12 +21,23 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 def test_200_shards_with_max_array_size_50(slurm_cluster: Any, tmp_path: Path) -> None:
     n = 400
     inp = tmp_path / "q.jsonl"
-    inp.write_text("".join(json.dumps({"question": f"question number {i}"}) + "\n" for i in range(n)))
+    inp.write_text(
+        "".join(json.dumps({"question": f"question number {i}"}) + "\n" for i in range(n))
+    )
     run = runs.make_run_dir(tmp_path / "run")
     cfg = C.load_config(
-        C.GenerateConfig, "generate", None,
-        {"run_dir": str(run), "input": str(inp), "shards": 200, "cluster": "slurm",
-         "time_min": 60, "cpus_per_task": 1, "batch_size": 1},
+        C.GenerateConfig,
+        "generate",
+        None,
+        {
+            "run_dir": str(run),
+            "input": str(inp),
+            "shards": 200,
+            "cluster": "slurm",
+            "time_min": 60,
+            "cpus_per_task": 1,
+            "batch_size": 1,
+        },
     )
     with slurm_cluster.max_array_size_set(50):
         E.max_array_size.cache_clear()

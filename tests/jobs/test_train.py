@@ -191,6 +191,30 @@ def test_bad_records_fail_before_anything_is_submitted(
     assert not run_dir.exists()
 
 
+def test_job_shape_paths_and_failure_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpc.config import ConfigError, TrainConfig
+    from hpc.train_stage import failure_line, job_shape, resolve_paths
+
+    assert job_shape(TrainConfig()) == (1, 0)  # CPU: one process per node
+    assert job_shape(TrainConfig(gpus_per_node=4)) == (4, 4)  # one process per GPU
+    assert job_shape(TrainConfig(gpus_per_task=2)) == (2, 2)
+    assert job_shape(TrainConfig(tasks_per_node=3)) == (3, 0)
+    with pytest.raises(ConfigError, match="one process per GPU"):
+        job_shape(TrainConfig(gpus_per_node=2, tasks_per_node=4))
+    monkeypatch.chdir(tmp_path)  # the template default is found from any folder
+    cfg = resolve_paths(TrainConfig(run_dir="r"))
+    assert cfg.out_dir == str(tmp_path / "r" / "train")
+    assert cfg.data == str(tmp_path / "r" / "generate" / "merged.jsonl")
+    assert cfg.deepspeed == str(REPO / "templates" / "ds_zero2.json")
+    text = (
+        "Job (task=0) failed during processing with trace:\n----------------------\n"
+        "Traceback (most recent call last):\n  File x\nValueError: bad checkpoint\n"
+        "----------------------\nYou can check full logs at paths:\n  - /x/1_0_log.err\n"
+    )
+    assert failure_line(text) == "ValueError: bad checkpoint"
+    assert failure_line("plain error") == "plain error"
+
+
 @pytest.mark.slow
 def test_local_two_process_ddp_run(inputs: dict[str, Path], tmp_path: Path) -> None:
     """--deepspeed '' is plain DDP; the local backend runs the whole world on this machine."""
