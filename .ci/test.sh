@@ -14,4 +14,5 @@ export COT_HPC_KEEP_SLURM=1 COT_HPC_SLURM_STATE="$state"
 .venv/bin/ruff check hpc cot jobs tests benchmarks
 .venv/bin/ruff format --check hpc cot jobs tests benchmarks
 .venv/bin/mypy
-.venv/bin/python -m pytest -p no:cacheprovider "$@"
+# The default `pytest` run skips tests marked slow; here everything runs, Slurm included.
+.venv/bin/python -m pytest -p no:cacheprovider -m "slow or not slow" --durations=25 "$@"

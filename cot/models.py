@@ -259,8 +259,9 @@ def build_tiny_models(
     """Build ``teacher/`` and ``student/`` under ``out_dir`` from the training questions.
 
     The teacher is trained on prompt + reference solution, so it writes step-by-step text that
-    ends in a ``Final Answer:`` line. The student is pre-trained on question text only: a small
-    "base model" that knows the vocabulary but not the solution format, which LoRA must teach.
+    ends in a ``Final Answer:`` line. The student is pre-trained on questions and solution steps
+    with the answer line removed: a small "base model" that knows the language of the domain
+    but not the solution format (no prompt format, no ``Final Answer:``), which LoRA must teach.
     Each model folder is written to a temp folder and renamed into place, so a crash leaves no
     half-built model behind.
     """
@@ -280,10 +281,16 @@ def build_tiny_models(
     ]
     question_texts = [r["question"] for r in train_records]
     tok = train_tokenizer(teacher_texts + question_texts)
+    # The student's "pre-training" corpus: questions and worked steps, never an answer line or
+    # a prompt format, so it knows the language of the domain but not the solution format.
+    student_texts = [
+        r["question"] + "\n" + "\n".join(r["reference_cot"].splitlines()[:-1])
+        for r in train_records
+    ]
     stats: dict[str, Any] = {}
     for name, shape, texts, steps, lr in (
         ("teacher", TINY_TEACHER, teacher_texts, teacher_steps, 3e-3),
-        ("student", TINY_STUDENT, question_texts, student_steps, 2e-3),
+        ("student", TINY_STUDENT, student_texts, student_steps, 2e-3),
     ):
         t0 = time.time()
         torch.manual_seed(seed)

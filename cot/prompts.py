@@ -12,7 +12,7 @@ STUDENT_TEMPLATE = REPO_ROOT / "templates" / "prompts" / "student.txt"
 
 @lru_cache(maxsize=16)
 def load_template(path: str | Path) -> str:
-    """Read a prompt template, dropping the leading ``#`` comment lines and the final newline.
+    """Read a prompt template, dropping the leading ``# `` comment lines and the final newline.
 
     Raises:
         ValueError: the file does not exist or has no ``{question}`` placeholder.
@@ -21,7 +21,8 @@ def load_template(path: str | Path) -> str:
     if not p.is_file():
         raise ValueError(f"prompt template {p} not found")
     lines = p.read_text(encoding="utf-8").splitlines()
-    while lines and lines[0].startswith("#"):
+    # A comment is "#" alone or "# text"; "### Question:" is part of the seed's format.
+    while lines and (lines[0] == "#" or lines[0].startswith("# ")):
         lines.pop(0)
     text = "\n".join(lines)
     if "{question}" not in text:

@@ -82,7 +82,7 @@ class TinyModelsConfig:
     data_dir: str = opt("data", "dataset folder (built if missing)")
     seed: int = opt(0, "seed for tokenizer, init and training", check=NONNEG)
     teacher_steps: int = opt(300, "teacher training steps on reference solutions", check=NONNEG)
-    student_steps: int = opt(150, "student pre-training steps on question text only", check=NONNEG)
+    student_steps: int = opt(300, "student pre-training steps (questions and steps)", check=NONNEG)
     force: bool = opt(False, "rebuild even if both models exist")
 
 

@@ -79,8 +79,9 @@ def job_env_setup(cfg: ClusterFields) -> dict[str, str]:
         "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": str(cfg.cpus_per_task),
-        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
     }
+    if "DS_ACCELERATOR" in os.environ:  # never force DeepSpeed's CPU backend onto GPU nodes
+        env["DS_ACCELERATOR"] = os.environ["DS_ACCELERATOR"]
     return env
 
 
@@ -147,7 +148,12 @@ class Executor:
             exports = [f"export {k}={_sh(v)}" for k, v in env.items()]
             exports.append(f"export PYTHONPATH={_sh(repo)}${{PYTHONPATH:+:$PYTHONPATH}}")
             params["slurm_setup"] = exports
+            if nodes * tasks_per_node > 1:
+                # One crashed rank ends the step instead of leaving the others in a collective.
+                params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
         else:
+            if gpus_per_node:
+                params["gpus_per_node"] = gpus_per_node
             os.environ.update({k: v for k, v in env.items() if k not in ("OMP_NUM_THREADS",)})
             pp = os.environ.get("PYTHONPATH", "")
             if str(REPO_ROOT) not in pp.split(os.pathsep):

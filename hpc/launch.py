@@ -77,22 +77,33 @@ def cmd_data(cfg: C.DataConfig, ns: argparse.Namespace) -> int:
 
 def cmd_tiny_models(cfg: C.TinyModelsConfig, ns: argparse.Namespace) -> int:
     """Build the tiny teacher and student offline."""
+    import json
+
     from cot.dataset import write_splits
-    from cot.models import build_tiny_models
+    from cot.models import TINY_STUDENT, TINY_TEACHER, build_tiny_models
     from cot.prompts import TEACHER_TEMPLATE, load_template
-    from cot.records import read_questions
+    from cot.records import atomic_write_text, read_questions
+    from hpc.shards import sha256_file
 
     out = Path(cfg.out_dir)
-    if (
-        not cfg.force
-        and (out / "teacher" / "config.json").exists()
-        and (out / "student" / "config.json").exists()
-    ):
-        print(f"tiny models already in {out} (use --force to rebuild)")
-        return 0
     train_path = Path(cfg.data_dir) / "raw_questions.jsonl"
     if not train_path.exists():
         write_splits(Path(cfg.data_dir), seed=0)
+    # Rebuild whenever anything that shapes the models changed, not only when they're missing.
+    build = {
+        "seed": cfg.seed,
+        "teacher_steps": cfg.teacher_steps,
+        "student_steps": cfg.student_steps,
+        "teacher": TINY_TEACHER,
+        "student": TINY_STUDENT,
+        "data_sha256": sha256_file(train_path),
+        "prompt_sha256": sha256_file(TEACHER_TEMPLATE),
+        "builder": 2,
+    }
+    stamp = out / "build.json"
+    if not cfg.force and stamp.exists() and json.loads(stamp.read_text()) == build:
+        print(f"tiny models already in {out} (use --force to rebuild)")
+        return 0
     records = read_questions(train_path)
     stats = build_tiny_models(
         out,
@@ -102,6 +113,7 @@ def cmd_tiny_models(cfg: C.TinyModelsConfig, ns: argparse.Namespace) -> int:
         student_steps=cfg.student_steps,
         prompt_template=load_template(TEACHER_TEMPLATE),
     )
+    atomic_write_text(stamp, json.dumps(build, indent=1))
     for name, s in stats.items():
         print(
             f"{name}: {out / name}  params={s['params']:,}  steps={s['steps']}  "

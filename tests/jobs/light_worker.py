@@ -2,10 +2,17 @@
 
 It runs :func:`jobs.sharded.run_shard` exactly as generation does (resume, batches, fsync,
 marker last); only the model is replaced by string reversal, so 200 array tasks take seconds.
+
+:class:`SlowLightShard` sleeps per batch, so that a shard's length is set by the clock (for time
+limit tests). ``python -m tests.jobs.light_worker --sleep-s S [generate's flags]`` launches it
+exactly as ``python -m hpc.launch generate`` launches the real worker (same run folder, same
+``--wait``, same exit codes), for tests that need a launcher in a subprocess.
 """
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +24,12 @@ from jobs.sharded import run_shard
 class LightShard(submitit.helpers.Checkpointable):
     """Reverse each question; records look like generation records."""
 
+    sleep_s: float = 0.0
+
     def __call__(self, cfg: dict[str, Any], shard: int, stage: str = "generate") -> dict[str, Any]:
         def generate(model: Any, tok: Any, prompts: list[str], seed: int) -> tuple[list[str], int]:
+            if self.sleep_s:
+                time.sleep(self.sleep_s)
             return [p[::-1] for p in prompts], 0
 
         return run_shard(
@@ -34,3 +45,37 @@ class LightShard(submitit.helpers.Checkpointable):
             generate=generate,
             to_record=lambda rec, s, text: {"id": rec["id"], "sample": s, "cot": text},
         )
+
+
+class SlowLightShard(LightShard):
+    """:class:`LightShard` that sleeps ``sleep_s`` seconds per batch (pickled with the job, so a
+    requeued task sleeps the same)."""
+
+    def __init__(self, sleep_s: float) -> None:
+        self.sleep_s = sleep_s
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Launch :class:`SlowLightShard` as the ``generate`` stage; exit codes as ``hpc.launch``."""
+    import argparse
+
+    from hpc import config as C
+    from hpc.launch import _add_dataclass_flags, _overrides
+    from hpc.stage import StageFailed, launch_sharded
+
+    parser = argparse.ArgumentParser(prog="light_worker")
+    parser.add_argument("--sleep-s", type=float, default=0.0, help="seconds per batch")
+    _add_dataclass_flags(parser, C.GenerateConfig)
+    ns = parser.parse_args(argv)
+    cfg = C.load_config(C.GenerateConfig, "generate", None, _overrides(ns, C.GenerateConfig))
+    try:
+        return launch_sharded(
+            "generate", cfg, SlowLightShard(ns.sleep_s), check_models=lambda: None
+        )
+    except StageFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
