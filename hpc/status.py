@@ -138,10 +138,10 @@ def render(data: dict[str, Any]) -> str:
         jobs = ", ".join(sorted({j.split("_")[0] for j in row["jobs"]})) or "-"
         lines.append(f"{'':<10} jobs {jobs} ({row['kind']})  merge job {row['merge_job'] or '-'}")
         if row["merge"] in E.FAILED_STATES:
-            lines.append(
-                f"{'':<10} merge job FAILED  log "
-                f"{Path(data['run_dir']) / 'logs' / (str(row['merge_job']) + '_0_log.err')}"
-            )
+            log = Path(data["run_dir"]) / "logs" / f"{row['merge_job']}_0_log.err"
+            # A merge cancelled because a shard failed never ran, so it has no log.
+            where = f"log {log}" if log.exists() else "(never ran: no log)"
+            lines.append(f"{'':<10} merge job {row['merge']}  {where}")
         for f in row["failed_shards"]:
             lines.append(
                 f"{'':<10} FAILED shard {S.shard_name(f['shard'])} job {f['job']} "
