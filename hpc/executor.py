@@ -103,6 +103,16 @@ class Executor:
         self.name = name
         self.kind = kind or choose_cluster(cfg.cluster)
         self.sbatch_calls = 0
+        if self.kind == "slurm" and cfg.time_min * 60 <= cfg.signal_delay_s + 30:
+            # slurmctld checks signal timers every ~30 s and sends USR2 at the first check with
+            # at most delay + 30 s left: with a shorter limit every attempt is cut at once.
+            print(
+                f"warning: --time-min {cfg.time_min} leaves no working time before the USR2 "
+                f"sent {cfg.signal_delay_s} s (+ up to 30 s) before the limit; every attempt "
+                "would be checkpointed and requeued at once. Raise --time-min or lower "
+                "--signal-delay-s.",
+                file=sys.stderr,
+            )
 
     def _executor(
         self,

@@ -77,6 +77,7 @@ def cmd_data(cfg: C.DataConfig, ns: argparse.Namespace) -> int:
 
 def cmd_tiny_models(cfg: C.TinyModelsConfig, ns: argparse.Namespace) -> int:
     """Build the tiny teacher and student offline."""
+    import fcntl
     import json
 
     from cot.dataset import write_splits
@@ -101,6 +102,9 @@ def cmd_tiny_models(cfg: C.TinyModelsConfig, ns: argparse.Namespace) -> int:
         "builder": 2,
     }
     stamp = out / "build.json"
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / ".build.lock", "w")  # noqa: SIM115 - held until the build is done
+    fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits, then finds the models built
     if not cfg.force and stamp.exists() and json.loads(stamp.read_text()) == build:
         print(f"tiny models already in {out} (use --force to rebuild)")
         return 0

@@ -170,8 +170,24 @@ def _failure_text(stage: str, failed: list[tuple[int, str, str]]) -> str:
     lines = [f"{stage}: {len(failed)} shard(s) failed for good:"]
     for shard, log, why in failed:
         what = f"shard {S.shard_name(shard)}" if shard >= 0 else "merge"  # -1: the merge job
-        lines.append(f"  {what}: {why}\n    log: {log}")
+        cause = last_error(log)
+        lines.append(f"  {what}: {why}" + (f"\n    cause: {cause}" if cause else ""))
+        lines.append(f"    log: {log}")
     return "\n".join(lines)
+
+
+def last_error(log: str | Path, tail_bytes: int = 65536) -> str | None:
+    """The last line of a job log that says why it ended (an exception or submitit's verdict)."""
+    try:
+        with open(log, "rb") as fh:
+            fh.seek(0, 2)
+            fh.seek(max(0, fh.tell() - tail_bytes))
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return None
+    keys = ("Error", "Exception", "not requeued", "timed-out", "CANCELLED", "Killed")
+    hits = [ln.strip() for ln in text.splitlines() if any(k in ln for k in keys)]
+    return hits[-1][:300] if hits else None
 
 
 def _submit_slurm(
