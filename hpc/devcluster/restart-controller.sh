@@ -14,21 +14,9 @@ WAIT_S=${COT_HPC_SLURM_WAIT_S:-60}
 [[ -f $SLURM_CONF ]] || { echo "restart-controller.sh: no $SLURM_CONF (run up.sh first)" >&2; exit 1; }
 T0=$(date +%s.%N)
 
-alive() {
-    local pid
-    [[ -s $PIDFILE ]] || return 1
-    pid=$(cat -- "$PIDFILE" 2>/dev/null) || return 1  # removed as slurmctld exits
-    [[ $pid =~ ^[0-9]+$ && -r /proc/$pid/comm && $(</proc/$pid/comm) == slurmctld ]] || return 1
-    [[ $(awk '{ print $3 }' "/proc/$pid/stat" 2>/dev/null) != Z ]]
-}
-
-if alive; then
-    pid=$(<"$PIDFILE")
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 150; i++)); do alive || break; sleep 0.1; done
-    if alive; then kill -KILL "$pid" 2>/dev/null || true; sleep 0.2; fi
-fi
-rm -f "$PIDFILE"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+stopped=()
+stop "$PIDFILE" slurmctld
 
 slurmctld -f "$SLURM_CONF" </dev/null >/dev/null 2>&1 || {
     echo "restart-controller.sh: slurmctld failed to start" >&2
