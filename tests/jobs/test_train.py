@@ -319,6 +319,43 @@ def test_preempted_run_requeues_itself_and_matches_reference(
 
 @pytest.mark.slurm
 @pytest.mark.slow
+def test_preempted_repeatedly_at_random_points_matches_reference(
+    reference: Path, inputs: dict[str, Path]
+) -> None:
+    """Two USR2 preemptions at random steps in one run; the final adapter is unchanged."""
+    rng = random.Random(11)
+    run_dir = inputs["root"] / "preempted-twice"
+    proc = _start(_argv(inputs, run_dir))
+    job = _job_id(run_dir)
+
+    def log() -> str:
+        try:
+            return _log(run_dir, job)
+        except OSError:
+            return ""
+
+    first = rng.randint(SAVE + 1, SAVE + 6)
+    _wait_for(lambda: _steps_logged(run_dir) >= first, f"step {first}")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    _wait_for(lambda: "resuming from" in log(), "the first resume")
+    resumed = _resumed_from(log())
+    assert resumed is not None
+    second = resumed + rng.randint(2, 4)
+    _wait_for(lambda: _steps_logged(run_dir) >= second, f"step {second} after the resume")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    _finish(proc, job)
+    text = log()
+    stops = [int(x) for x in re.findall(r"preempted at step (\d+)", text)]
+    assert len(stops) == 2, "both signals must preempt the run (it may have finished first)"
+    assert stops[0] < stops[1] < STEPS
+    assert len(re.findall(r"resuming from .*checkpoint-(\d+)", text)) == 2
+    done = json.loads((run_dir / "train" / "COMPLETE").read_text())
+    assert done["global_step"] == STEPS
+    assert _adapter_diff(reference, run_dir) <= 1e-6
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_torn_checkpoint_is_skipped_on_resume(reference: Path, inputs: dict[str, Path]) -> None:
     run_dir = inputs["root"] / "torn"
     ckpts = run_dir / "train" / "checkpoints"
