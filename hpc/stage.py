@@ -105,11 +105,12 @@ def submit_sharded(
         return done
     if ex.kind == "slurm":
         return _submit_slurm(done, ex, todo, worker, payload, outputs, keep, dependency)
+    # Locally the executor starts jobs as slots free up; the list fills in while it drains.
     jobs = ex.submit_array([(worker, (payload, i, stage)) for i in todo])
+    ex.drain_local()
     runs.record_launch(
         run_dir, stage, {"kind": "local", "shards": dict(zip(todo, _ids(jobs), strict=True))}
     )
-    ex.drain_local()
     failed = _failed_local(jobs, todo)
     if failed:
         raise StageFailed(_failure_text(stage, failed))
