@@ -59,15 +59,24 @@ def make_synthetic(stage_dir: Path, gb: float, shards: int, record_bytes: int = 
 
 
 CHILD = """
-import resource, sys, time
+import sys, time
 sys.path.insert(0, {repo!r})
 from pathlib import Path
 from hpc import shards as S
+
+
+def hwm_kb():
+    # VmHWM is this process's own peak; ru_maxrss would carry the forking parent's over exec.
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
+
 d = Path({stage!r})
 t = time.perf_counter()
 counts = S.write_merged(d, S.load_plan(d), [])
 dt = time.perf_counter() - t
-print(dt, counts["total"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(dt, counts["total"], hwm_kb())
 """
 
 
