@@ -24,9 +24,7 @@ STUDENT = REPO / "models" / "tiny" / "student"
 
 
 @pytest.fixture(scope="module")
-def tok() -> Any:
-    if not (STUDENT / "config.json").exists():
-        pytest.skip("tiny student missing: python -m hpc.launch tiny-models")
+def tok(tiny_models: Path) -> Any:
     from cot.models import load_tokenizer
 
     return load_tokenizer(STUDENT, padding_side="right")

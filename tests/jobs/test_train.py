@@ -51,9 +51,7 @@ def _records(n: int, seed: int = 0) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    if not (STUDENT / "config.json").exists():
-        pytest.skip("tiny student missing: python -m hpc.launch tiny-models")
+def inputs(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("train")
     data = root / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _records(96)), encoding="utf-8")
