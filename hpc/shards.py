@@ -283,16 +283,17 @@ def _expected_keys(plan: Plan, shard: int) -> list[tuple[bytes, bytes]]:
 
 
 def _block_keys(
-    data: bytes, lines: int, want: list[tuple[bytes, bytes]]
+    data: bytes, cut: int, lines: int, want: list[tuple[bytes, bytes]]
 ) -> list[tuple[bytes, bytes]]:
-    keys: list[tuple[bytes, bytes]] = _KEY_RE.findall(b"\n" + data)
+    """Keys of the lines in ``data[1:cut]``; ``data[0]`` is a newline, so every line matches."""
+    keys: list[tuple[bytes, bytes]] = _KEY_RE.findall(memoryview(data)[:cut])
     if len(keys) == lines:
         if keys == want:
             return keys
         keys = [(i, n or b"0") for i, n in keys]  # records without a "sample" key
         if keys == want:
             return keys
-    return [_expected(record_key(json.loads(line))) for line in data.splitlines()]
+    return [_expected(record_key(json.loads(line))) for line in data[1:cut].splitlines()]
 
 
 def _merge_fast(stage_dir: Path, plan: Plan, out: IO[bytes]) -> int:
@@ -306,16 +307,17 @@ def _merge_fast(stage_dir: Path, plan: Plan, out: IO[bytes]) -> int:
             rest = b""
             while True:
                 block = fh.read(_BLOCK)
-                data = rest + block
                 if not block:
-                    if data:
+                    if rest:
                         raise PlanError(f"{path}:{pos + 1}: torn last line in a complete shard")
                     break
+                # One copy per block: a leading newline, the carried partial line, the block.
+                data = b"\n" + rest + block
                 cut = data.rfind(b"\n") + 1
-                data, rest = data[:cut], data[cut:]
-                lines = data.count(b"\n")
+                rest = data[cut:]
+                lines = data.count(b"\n", 1, cut)
                 want = expected[pos : pos + lines]
-                keys = _block_keys(data, lines, want)
+                keys = _block_keys(data, cut, lines, want)
                 if keys != want:
                     n = next(
                         (k for k, (a, b) in enumerate(zip(keys, want, strict=False)) if a != b),
@@ -326,7 +328,7 @@ def _merge_fast(stage_dir: Path, plan: Plan, out: IO[bytes]) -> int:
                     raise PlanError(
                         f"{path}:{pos + n + 1}: expected record {wanted}, found {found}"
                     )
-                out.write(data)
+                out.write(memoryview(data)[1:cut])
                 pos += len(keys)
         if pos != len(expected):
             raise PlanError(f"{path}: shard {shard} ends before record {plan.keys(shard)[pos]}")
