@@ -8,7 +8,7 @@ sequence, so a finished sequence costs no more forward passes than padding.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 # A final-answer line is complete once a newline follows some answer text after the marker.
@@ -128,10 +128,3 @@ def generate_batch(
         text = tokenizer.decode(ids[:n], skip_special_tokens=True)
         texts.append(cut_after_final_answer(text) if stop_at_answer else text)
     return texts, n_tokens
-
-
-def iter_batches(
-    pending: Sequence[dict[str, Any]], prompt_len: Callable[[dict[str, Any]], int], batch_size: int
-) -> Iterator[list[dict[str, Any]]]:
-    """Length-grouped batches over work items."""
-    yield from length_grouped(pending, prompt_len, batch_size)

@@ -102,7 +102,6 @@ class Executor:
         os.chmod(self.folder, 0o700)  # it holds pickles of configs
         self.name = name
         self.kind = kind or choose_cluster(cfg.cluster)
-        self.sbatch_calls = 0
         if self.kind == "slurm" and cfg.time_min * 60 <= cfg.signal_delay_s + 30:
             # slurmctld checks signal timers every ~30 s and sends USR2 at the first check with
             # at most delay + 30 s left: with a shorter limit every attempt is cut at once.
@@ -185,7 +184,6 @@ class Executor:
             nodes=nodes, tasks_per_node=tasks_per_node, gpus=gpus, dependency=dependency
         )
         job = ex.submit(fn, *args)
-        self.sbatch_calls += 1
         return job
 
     def submit_array(
@@ -213,7 +211,6 @@ class Executor:
                 for i in part:
                     fn, args = calls[i]
                     jobs.append(ex.submit(fn, *args))
-            self.sbatch_calls += 1
         return jobs
 
     def _fill_local(self) -> None:
