@@ -112,7 +112,7 @@ class SlurmCluster:
 def slurm_cluster() -> Iterator[SlurmCluster]:
     reason = _skip_reason()
     if reason is not None:
-        pytest.skip(reason)
+        pytest.skip(reason)  # only where this is not root or has no slurm (not Debian/apt)
     cluster = SlurmCluster(state_dir=Path(os.environ.get("COT_HPC_SLURM_STATE", DEFAULT_STATE_DIR)))
     saved = {k: os.environ.get(k) for k in cluster.env}
     cluster.up()
