@@ -9,16 +9,17 @@ Protocol (shared by ``generate`` and ``evaluate``):
 * When every assigned key is present, the shard is rewritten in plan order (atomically) and only
   then ``completions/00003`` is created. A marker therefore always means a complete shard.
 * The merge streams the shards in plan order, checks every key once, and renames a fsync'd temp
-  file into place. Memory stays constant whatever the size of the shards.
+  file into place. Memory stays constant whatever the size of the shards: a few 8 MB blocks.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
+import queue
 import re
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,85 +256,127 @@ def _check_markers(stage_dir: Path, plan: Plan) -> None:
         )
 
 
-# Our writers put "id" first and "sample" (when present) second, so the keys of a whole block
-# can be read with one regex whose literal prefix lets `re` skip through the bytes at C speed,
-# and compared with the expected keys as one list. Blocks that don't fit (hand-edited shards,
-# other key orders) fall back to json.loads line by line.
-_KEY_RE = re.compile(rb'\n\{"id": "((?:[^"\\\n]|\\.)*)"(?:, "sample": (\d+))?')
+# Our writers put "id" first and "sample" second, so each line of a shard must start with
+# `{"id": "<id>", "sample": <n>,` in plan order. A block is split into lines and all those
+# prefixes are checked by one C-level `map(bytes.startswith, ...)`: no JSON is parsed. A block
+# that doesn't fit (hand-edited shards, other key orders, ASCII-escaped ids) is checked line by
+# line with json.loads instead, which also names the first bad line.
 _NEEDS_ESCAPE = re.compile(r'["\\\x00-\x1f]')
 _BLOCK = 8 << 20
 
 
-def _expected(key: Key) -> tuple[bytes, bytes]:
-    rid = key[0]
-    if _NEEDS_ESCAPE.search(rid):
-        rid = json.dumps(rid, ensure_ascii=False)[1:-1]
-    return rid.encode(), b"%d" % key[1]
-
-
-def _expected_keys(plan: Plan, shard: int) -> list[tuple[bytes, bytes]]:
+def _line_prefixes(plan: Plan, shard: int) -> list[bytes]:
+    """The bytes each line of ``shard`` starts with, as our writer (``cot.records.dumps``) spells
+    them. Built with one join and one split per sample index, not one format per record."""
     lo, hi = plan.ranges[shard]
+    if lo == hi:
+        return []
     ids = plan.ids[lo:hi]
-    if _NEEDS_ESCAPE.search("".join(ids)):
-        return [_expected(k) for k in plan.keys(shard)]
-    raw = [i.encode() for i in ids]
-    if plan.samples == 1:
-        return list(zip(raw, itertools.repeat(b"0")))
-    return [(i, b"%d" % s) for i in raw for s in range(plan.samples)]
+    if _NEEDS_ESCAPE.search("".join(ids)):  # one scan; escape per id only when some need it
+        ids = [json.dumps(i, ensure_ascii=False)[1:-1] for i in ids]
+    # An escaped id never holds a raw newline, so "\n" can stand for "between two records".
+    joined = "\n".join(ids).encode()
+    out: list[bytes] = [b""] * ((hi - lo) * plan.samples)
+    for s in range(plan.samples):
+        tail = b'", "sample": %d,' % s
+        out[s :: plan.samples] = (
+            b'{"id": "' + joined.replace(b"\n", tail + b'\n{"id": "') + tail
+        ).split(b"\n")
+    return out
 
 
-def _block_keys(
-    data: bytes, cut: int, lines: int, want: list[tuple[bytes, bytes]]
-) -> list[tuple[bytes, bytes]]:
-    """Keys of the lines in ``data[1:cut]``; ``data[0]`` is a newline, so every line matches."""
-    keys: list[tuple[bytes, bytes]] = _KEY_RE.findall(memoryview(data)[:cut])
-    if len(keys) == lines:
-        if keys == want:
-            return keys
-        keys = [(i, n or b"0") for i, n in keys]  # records without a "sample" key
-        if keys == want:
-            return keys
-    return [_expected(record_key(json.loads(line))) for line in data[1:cut].splitlines()]
+def _check_lines(path: Path, first: int, lines: list[bytes], keys: list[Key]) -> None:
+    """Slow path: parse each line and compare its key with the plan's ``keys[first + k]``."""
+    for k, line in enumerate(lines):
+        where = f"{path}:{first + k + 1}"
+        try:
+            found = record_key(json.loads(line))
+        except ValueError as err:
+            raise PlanError(f"{where}: not a valid JSON record ({err})") from None
+        except (KeyError, TypeError, AttributeError):
+            raise PlanError(f"{where}: record has no 'id' field") from None
+        want = keys[first + k] if first + k < len(keys) else None
+        if found != want:
+            raise PlanError(f"{where}: expected record {want}, found {found}")
+
+
+class _BlockWriter:
+    """Writes verified blocks from a background thread and starts their write-back at once.
+
+    ``write`` and ``posix_fadvise`` release the GIL, so the disk works while the caller checks
+    the next block. POSIX_FADV_DONTNEED submits the dirty pages without waiting for them, which
+    leaves the final fsync little to do. At most ``depth`` blocks wait in the queue.
+    """
+
+    def __init__(self, out: IO[bytes], depth: int = 2) -> None:
+        self._out = out
+        self._queue: queue.Queue[memoryview | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._offset = 0
+        self._thread = threading.Thread(target=self._run, name="merge-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        fadvise = getattr(os, "posix_fadvise", None)
+        while (view := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # keep draining so that put() never blocks forever
+            try:
+                size = self._out.write(view)
+                if fadvise is not None:
+                    self._out.flush()
+                    fadvise(self._out.fileno(), self._offset, size, os.POSIX_FADV_DONTNEED)
+                self._offset += size
+            except BaseException as err:  # re-raised in the caller's thread
+                self._error = err
+
+    def write(self, view: memoryview) -> None:
+        """Queue ``view``; raises the error of an earlier write, if any."""
+        if self._error is not None:
+            raise self._error
+        self._queue.put(view)
+
+    def close(self) -> BaseException | None:
+        """Wait until every queued block is written; returns the first write error."""
+        self._queue.put(None)
+        self._thread.join()
+        return self._error
 
 
 def _merge_fast(stage_dir: Path, plan: Plan, out: IO[bytes]) -> int:
     """Copy shards block by block, checking every key in order; returns the record count."""
-    total = 0
-    for shard in range(plan.shards):
-        path = shard_path(stage_dir, shard)
-        expected = _expected_keys(plan, shard)
-        pos = 0
-        with open(path, "rb") as fh:
-            rest = b""
-            while True:
-                block = fh.read(_BLOCK)
-                if not block:
-                    if rest:
-                        raise PlanError(f"{path}:{pos + 1}: torn last line in a complete shard")
-                    break
-                # One copy per block: a leading newline, the carried partial line, the block.
-                data = b"\n" + rest + block
-                cut = data.rfind(b"\n") + 1
-                rest = data[cut:]
-                lines = data.count(b"\n", 1, cut)
-                want = expected[pos : pos + lines]
-                keys = _block_keys(data, cut, lines, want)
-                if keys != want:
-                    n = next(
-                        (k for k, (a, b) in enumerate(zip(keys, want, strict=False)) if a != b),
-                        len(want),
-                    )
-                    wanted = plan.keys(shard)[pos + n] if pos + n < len(expected) else None
-                    found = (keys[n][0].decode(errors="replace"), int(keys[n][1]))
-                    raise PlanError(
-                        f"{path}:{pos + n + 1}: expected record {wanted}, found {found}"
-                    )
-                out.write(memoryview(data)[1:cut])
-                pos += len(keys)
-        if pos != len(expected):
-            raise PlanError(f"{path}: shard {shard} ends before record {plan.keys(shard)[pos]}")
-        total += pos
+    writer = _BlockWriter(out)
+    try:
+        total = sum(_merge_shard(stage_dir, plan, shard, writer) for shard in range(plan.shards))
+    finally:
+        error = writer.close()
+    if error is not None:
+        raise error
     return total
+
+
+def _merge_shard(stage_dir: Path, plan: Plan, shard: int, writer: _BlockWriter) -> int:
+    path = shard_path(stage_dir, shard)
+    want = _line_prefixes(plan, shard)
+    keys: list[Key] | None = None  # built only if a block needs the slow path
+    pos = 0
+    with open(path, "rb") as fh:
+        rest = b""
+        while block := fh.read(_BLOCK):
+            data = rest + block if rest else block
+            lines = data.split(b"\n")
+            rest = lines.pop()  # the partial line carried into the next block
+            n = len(lines)
+            if n > len(want) - pos or not all(map(bytes.startswith, lines, want[pos : pos + n])):
+                keys = keys if keys is not None else plan.keys(shard)
+                _check_lines(path, pos, lines, keys)
+            writer.write(memoryview(data)[: len(data) - len(rest)])
+            pos += n
+        if rest:
+            raise PlanError(f"{path}:{pos + 1}: torn last line in a complete shard")
+    if pos != len(want):
+        raise PlanError(f"{path}: shard {shard} ends before record {plan.keys(shard)[pos]}")
+    return pos
 
 
 def write_merged(

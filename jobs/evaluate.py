@@ -51,6 +51,7 @@ class EvaluateShard(submitit.helpers.Checkpointable):
             gold = rec.get("answer")
             return {
                 "id": rec["id"],
+                "sample": sample,
                 "category": rec.get("category"),
                 "question": rec["question"],
                 "generated": text,

@@ -103,9 +103,33 @@ class SlurmCluster:
             if self.max_array_size != previous:
                 self.reconfigure(previous)
 
+    @staticmethod
+    def counting_sbatch(folder: Path) -> Path:
+        """Write ``folder/sbatch``: the real sbatch, which first appends ``sbatch ARGS`` to
+        ``$COT_TEST_SBATCH_LOG`` when that is set. Put ``folder`` first on PATH to count calls."""
+        real = shutil.which("sbatch")
+        assert real, "sbatch not on PATH"
+        folder.mkdir(parents=True, exist_ok=True)
+        wrapper = folder / "sbatch"
+        wrapper.write_text(
+            "#!/bin/sh\n"
+            '[ -n "$COT_TEST_SBATCH_LOG" ] && echo "sbatch $*" >> "$COT_TEST_SBATCH_LOG"\n'
+            f'exec {real} "$@"\n'
+        )
+        wrapper.chmod(0o755)
+        return wrapper
+
     def restart_controller(self) -> None:
         """Stop and restart slurmctld only; its state is kept."""
         self.last_output = _run_script("restart-controller.sh", str(self.state_dir))
+
+
+def line_count(path: Path) -> int:
+    """Newline-terminated lines in ``path``; 0 when it does not exist yet."""
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
 
 
 @pytest.fixture(scope="session")

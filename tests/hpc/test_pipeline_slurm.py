@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO
+from tests.slurm_cluster import SlurmCluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -40,14 +40,12 @@ SMALL = [
 
 
 def counting_sbatch(tmp_path: Path) -> tuple[dict[str, str], Path]:
-    real = subprocess.run(["which", "sbatch"], capture_output=True, text=True).stdout.strip()
+    """An environment whose sbatch logs each call to the returned file."""
     bindir = tmp_path / "bin"
-    bindir.mkdir(exist_ok=True)
+    SlurmCluster.counting_sbatch(bindir)
     calls = tmp_path / "sbatch_calls"
-    w = bindir / "sbatch"
-    w.write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\nexec "{real}" "$@"\n')
-    w.chmod(w.stat().st_mode | stat.S_IEXEC)
-    return {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}, calls
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    return {**env, "COT_TEST_SBATCH_LOG": str(calls)}, calls
 
 
 def cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cot.records import RecordError
+from cot.records import RecordError, dumps
 from hpc import shards as S
 from jobs.merge import Merge
 
@@ -253,6 +257,110 @@ def test_merge_any_key_order_and_odd_ids(tmp_path: Path, style: str) -> None:
     path.write_text(lines[1] + lines[0] + lines[2], encoding="utf-8")
     with pytest.raises(S.PlanError, match=r"00001\.jsonl:1: expected record"):
         S.write_merged(stage_dir, plan, [])
+
+
+def test_line_prefixes_spell_what_our_writer_writes(tmp_path: Path) -> None:
+    """Every line ``cot.records.dumps`` writes starts with its plan prefix, and no other does."""
+    ids = ["plain", 'quo"te', "back\\slash", "uni-é", "tab\tid", "nl\nid", "1", "12"]
+    src = tmp_path / "q.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "question": "?"}) + "\n" for i in ids))
+    plan = S.make_plan(src, ids, 2, samples=12)
+    for shard in range(plan.shards):
+        prefixes = S._line_prefixes(plan, shard)
+        keys = plan.keys(shard)
+        assert len(prefixes) == len(keys)
+        lines = [dumps({"id": rid, "sample": s, "cot": "x"}).encode() for rid, s in keys]
+        for i, line in enumerate(lines):
+            matching = [k for k, pre in enumerate(prefixes) if line.startswith(pre)]
+            # Only its own prefix: "1" is no prefix of "12", sample 1 no prefix of sample 11.
+            assert matching == [i], (line, matching)
+
+
+def test_merge_across_block_boundaries_and_fast_path_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stage_dir, plan = _stage(tmp_path, 40, 3, samples=2)
+    for shard in range(plan.shards):
+        path = S.shard_path(stage_dir, shard)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(dumps(_rec(rid, s)) + "\n" for rid, s in plan.keys(shard)))
+        S.finish_shard(stage_dir, plan, shard)
+    expected = b"".join(S.shard_path(stage_dir, i).read_bytes() for i in range(plan.shards))
+    monkeypatch.setattr(S, "_BLOCK", 100)  # lines (~40 bytes) straddle the 100-byte blocks
+    slow: list[int] = []
+    real_check = S._check_lines
+
+    def spy(*args: Any) -> None:
+        slow.append(1)
+        real_check(*args)
+
+    monkeypatch.setattr(S, "_check_lines", spy)
+    assert S.write_merged(stage_dir, plan, [])["total"] == 80
+    assert (stage_dir / "merged.jsonl").read_bytes() == expected
+    assert slow == []  # records our writer wrote never need json.loads
+    # A swap deep inside shard 2 is named by its line, found across block boundaries.
+    path = S.shard_path(stage_dir, 2)
+    lines = path.read_text().splitlines(keepends=True)
+    lines[20], lines[21] = lines[21], lines[20]
+    path.write_text("".join(lines))
+    with pytest.raises(
+        S.PlanError, match=r"00002\.jsonl:21: expected record \('q036', 0\), found \('q036', 1\)"
+    ):
+        S.write_merged(stage_dir, plan, [])
+    assert (stage_dir / "merged.jsonl").read_bytes() == expected
+    # An unparsable line is named too, and the torn end of a marked shard is refused.
+    lines[20], lines[21] = lines[21], lines[20]
+    path.write_text("".join(lines[:5]) + "{not json\n" + "".join(lines[6:]))
+    with pytest.raises(S.PlanError, match=r"00002\.jsonl:6: not a valid JSON record"):
+        S.write_merged(stage_dir, plan, [])
+    path.write_text("".join(lines)[:-1])
+    with pytest.raises(S.PlanError, match=r"00002\.jsonl:28: torn last line"):
+        S.write_merged(stage_dir, plan, [])
+
+
+@pytest.mark.parametrize("fail_at", ["third", "last"])
+def test_merge_write_error_surfaces_and_keeps_outputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: str
+) -> None:
+    """A full disk during the merge's background write, mid-way or on the very last block: the
+    error reaches the caller, the temp file is removed and earlier outputs are left intact."""
+    stage_dir, plan = _stage(tmp_path, 30, 3)
+    _complete_all(stage_dir, plan)
+    (stage_dir / "merged.jsonl").write_text("OLD MERGE\n")
+    out = tmp_path / "final.jsonl"
+    out.write_text("KEEP ME\n")
+    monkeypatch.setattr(S, "_BLOCK", 200)
+    real_open = S.atomic_open
+
+    # One write per 200-byte read; the last one is the end of the last shard.
+    writes = sum(-(-S.shard_path(stage_dir, i).stat().st_size // 200) for i in range(3))
+    assert writes > 5
+
+    class FullDisk:
+        def __init__(self, fh: Any) -> None:
+            self.fh, self.calls = fh, 0
+
+        def write(self, data: Any) -> int:
+            self.calls += 1
+            if self.calls == (3 if fail_at == "third" else writes):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.fh.write(data)  # type: ignore[no-any-return]
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.fh, name)
+
+    @contextlib.contextmanager
+    def full_disk(path: Path, mode: str = "w") -> Iterator[Any]:
+        with real_open(path, mode) as fh:
+            yield FullDisk(fh)
+
+    monkeypatch.setattr(S, "atomic_open", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        S.write_merged(stage_dir, plan, [out])
+    assert (stage_dir / "merged.jsonl").read_text() == "OLD MERGE\n"
+    assert out.read_text() == "KEEP ME\n"
+    assert [p.name for p in stage_dir.iterdir() if p.suffix == ".tmp"] == []
+    assert not [t for t in threading.enumerate() if t.name == "merge-writer"]
 
 
 def test_merge_failure_leaves_existing_outputs_intact(tmp_path: Path) -> None:

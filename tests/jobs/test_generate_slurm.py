@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 
 from hpc import shards as S
+from tests.slurm_cluster import line_count
 
 pytestmark = pytest.mark.slurm
 
@@ -159,13 +160,6 @@ class Env:
             subprocess.run(["scancel", *sorted(ids)], capture_output=True, timeout=30, check=False)
 
 
-def _lines(path: Path) -> int:
-    try:
-        return path.read_bytes().count(b"\n")
-    except FileNotFoundError:
-        return 0
-
-
 def _wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
     end = time.monotonic() + timeout
     while True:
@@ -239,7 +233,7 @@ def _all_job_ids() -> set[str]:
 
 
 def _sbatch_calls(log: Path) -> int:
-    return _lines(log)
+    return line_count(log)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -257,15 +251,7 @@ def env(
     lines = (dataset_dir / "raw_questions.jsonl").read_text().splitlines()[:N_QUESTIONS]
     questions.write_text("\n".join(lines) + "\n")
     folder = root / "bin"
-    folder.mkdir()
-    real = shutil.which("sbatch")
-    assert real, "sbatch not on PATH"
-    wrapper = folder / "sbatch"
-    wrapper.write_text(
-        '#!/bin/sh\n[ -n "$COT_TEST_SBATCH_LOG" ] && echo "sbatch $*" >> "$COT_TEST_SBATCH_LOG"\n'
-        f'exec {real} "$@"\n'
-    )
-    wrapper.chmod(0o755)
+    slurm_cluster.counting_sbatch(folder)
     e = Env(slurm_cluster, root, questions, tiny_models / "teacher", folder)
     with slurm_cluster.max_array_size_set(MAX_ARRAY_SIZE):
         try:
@@ -396,7 +382,7 @@ def interrupted(env: Env) -> dict[str, Scenario]:
             stage_dir = sc.run.run_dir / "generate"
             exited = sc.popen.poll() is not None
             if "task" not in sc.run.info and not exited:
-                lines = _lines(S.shard_path(stage_dir, sc.shard))
+                lines = line_count(S.shard_path(stage_dir, sc.shard))
                 if lines < 2 and not S.marker_path(stage_dir, sc.shard).exists():
                     continue
                 if not (sc.run.run_dir / "launch.json").exists():
