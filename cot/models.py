@@ -7,10 +7,12 @@ torch and transformers are imported inside functions so the CLI starts instantly
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -242,9 +244,22 @@ def _lm_train(
         opt.step()
         sched.step()
         opt.zero_grad()
-        losses.append(float(out.loss))
+        losses.append(out.loss.detach().item())
     model.eval()
     return losses
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def build_tiny_models(
@@ -311,7 +326,8 @@ def build_tiny_models(
         model.generation_config.eos_token_id = tok.eos_token_id
         tmp = out / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+        with _quiet_progress():  # a one-shard model needs no "Writing model shards" bar
+            model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         final = out / name
         if final.exists():
