@@ -1,7 +1,8 @@
 """Time to submit N shards to the real (test) Slurm, and the number of sbatch calls made.
 
-    bash hpc/devcluster/up.sh /tmp/cothpc-slurm && export SLURM_CONF=/tmp/cothpc-slurm/slurm.conf
-    .venv/bin/python benchmarks/launch.py [--shards 1000] [--max-array-size 1001]
+    bash hpc/devcluster/up.sh /tmp/cothpc-slurm [--max-array-size 1001]
+    export SLURM_CONF=/tmp/cothpc-slurm/slurm.conf
+    .venv/bin/python benchmarks/launch.py [--shards 1000]
 
 Goal: ceil(N / MaxArraySize) sbatch calls and under 5 s. The jobs are cancelled right after.
 A wrapper `sbatch` first on PATH counts the calls; CLI startup (`--help`) is timed too.
