@@ -370,7 +370,8 @@ def _merge_shard(stage_dir: Path, plan: Plan, shard: int, writer: _BlockWriter) 
             if n > len(want) - pos or not all(map(bytes.startswith, lines, want[pos : pos + n])):
                 keys = keys if keys is not None else plan.keys(shard)
                 _check_lines(path, pos, lines, keys)
-            writer.write(memoryview(data)[: len(data) - len(rest)])
+            if n:  # a line longer than a block just carries on into the next one
+                writer.write(memoryview(data)[: len(data) - len(rest)])
             pos += n
         if rest:
             raise PlanError(f"{path}:{pos + 1}: torn last line in a complete shard")

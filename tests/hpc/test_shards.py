@@ -276,8 +276,9 @@ def test_line_prefixes_spell_what_our_writer_writes(tmp_path: Path) -> None:
             assert matching == [i], (line, matching)
 
 
+@pytest.mark.parametrize("block", [100, 16])
 def test_merge_across_block_boundaries_and_fast_path_taken(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int
 ) -> None:
     stage_dir, plan = _stage(tmp_path, 40, 3, samples=2)
     for shard in range(plan.shards):
@@ -286,7 +287,8 @@ def test_merge_across_block_boundaries_and_fast_path_taken(
         path.write_text("".join(dumps(_rec(rid, s)) + "\n" for rid, s in plan.keys(shard)))
         S.finish_shard(stage_dir, plan, shard)
     expected = b"".join(S.shard_path(stage_dir, i).read_bytes() for i in range(plan.shards))
-    monkeypatch.setattr(S, "_BLOCK", 100)  # lines (~40 bytes) straddle the 100-byte blocks
+    # Lines of ~40 bytes straddle 100-byte blocks; at 16 bytes every line spans several blocks.
+    monkeypatch.setattr(S, "_BLOCK", block)
     slow: list[int] = []
     real_check = S._check_lines
 
