@@ -58,7 +58,8 @@ def _config_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _overrides(ns: argparse.Namespace, cls: type) -> dict[str, Any]:
+def overrides(ns: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The parsed flags that are fields of the config dataclass ``cls``."""
     names = C.fields_of(cls)
     return {k: v for k, v in vars(ns).items() if k in names}
 
@@ -226,7 +227,7 @@ def cmd_pipeline(ns: argparse.Namespace) -> int:
     """Every stage as one chain of dependent jobs (SLURM) or in the foreground (local)."""
     from hpc.pipeline import parse_sets, resolve, run_pipeline
 
-    common = _overrides(ns, C.ClusterFields)
+    common = overrides(ns, C.ClusterFields)
     return run_pipeline(resolve(ns.config, parse_sets(ns.set or []), common))
 
 
@@ -352,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "pipeline":
             return cmd_pipeline(ns)
         section, cls, handler, _ = COMMANDS[ns.command]
-        cfg: Any = C.load_config(cls, section, ns.config, _overrides(ns, cls))
+        cfg: Any = C.load_config(cls, section, ns.config, overrides(ns, cls))
         return handler(cfg, ns)
     except (ConfigError, RecordError, ModelError, PlanError, RunLockedError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

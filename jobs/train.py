@@ -78,13 +78,13 @@ class Train(submitit.helpers.Checkpointable):
             # The launcher's default (it cannot see this node's GPUs); DeepSpeed must not run
             # its CPU accelerator next to CUDA tensors. Set before deepspeed is imported.
             os.environ["DS_ACCELERATOR"] = "cuda"
-        from cot.training import run_training
+        from cot.training import barrier, run_training
 
         out_dir.mkdir(parents=True, exist_ok=True)
         result = run_training(cfg, out_dir=out_dir, stop_requested=flag)
         if result.preempted:
             print(f"train: preempted at step {result.global_step}; requeueing", flush=True)
-            flag.requeue_and_exit(renv.rank, barrier=_barrier)
+            flag.requeue_and_exit(renv.rank, barrier=barrier)
         summary = {
             **result.to_dict(),
             "status": "complete",
@@ -99,13 +99,6 @@ class Train(submitit.helpers.Checkpointable):
             atomic_write_text(stage_marker(cfg["run_dir"]), json.dumps(summary, indent=1))
         _shutdown()
         return summary
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _shutdown() -> None:
@@ -127,12 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from hpc import config as C
-    from hpc.launch import build_parser
+    from hpc.launch import build_parser, overrides
     from hpc.train_stage import payload_of, resolve_paths, validate
 
     ns = build_parser().parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    fields = C.fields_of(C.TrainConfig)
-    flags = {k: v for k, v in vars(ns).items() if k in fields}
+    flags = overrides(ns, C.TrainConfig)
     cfg = resolve_paths(C.load_config(C.TrainConfig, "train", ns.config, flags))
     validate(cfg)
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)

@@ -60,14 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from hpc import config as C
-    from hpc.launch import _add_dataclass_flags, _overrides
+    from hpc.launch import _add_dataclass_flags, overrides
     from hpc.stage import StageFailed, launch_sharded
 
     parser = argparse.ArgumentParser(prog="light_worker")
     parser.add_argument("--sleep-s", type=float, default=0.0, help="seconds per batch")
     _add_dataclass_flags(parser, C.GenerateConfig)
     ns = parser.parse_args(argv)
-    cfg = C.load_config(C.GenerateConfig, "generate", None, _overrides(ns, C.GenerateConfig))
+    cfg = C.load_config(C.GenerateConfig, "generate", None, overrides(ns, C.GenerateConfig))
     try:
         return launch_sharded(
             "generate", cfg, SlowLightShard(ns.sleep_s), check_models=lambda: None
