@@ -95,19 +95,25 @@ def train_complete(cfg: C.TrainConfig) -> bool:
 
 
 def submit_train(
-    cfg: C.TrainConfig, *, dependency: Sequence[str] = (), kind: str | None = None
+    cfg: C.TrainConfig,
+    *,
+    dependency: Sequence[str] = (),
+    kind: str | None = None,
+    validated: bool = False,
 ) -> tuple[Any | None, dict[str, Any] | None]:
     """Submit the training job; the caller holds the run lock (``launch_train``, the pipeline).
 
-    The data is validated here when it exists already; in a pipeline it is written by a job
-    this one depends on, and the job validates it (file:line errors) when it starts.
+    Unless the caller has ``validated`` it already, the config is checked here, the data too
+    when it exists; in a pipeline the data is written by a job this one depends on, and the job
+    validates it (file:line errors) when it starts.
     Returns (job, None) on SLURM, and (None, summary) locally, where it runs to the end.
     """
     from cot.records import atomic_write_text
     from jobs.train import Train
 
     cfg = resolve_paths(cfg)
-    validate(cfg, check_data=Path(str(cfg.data)).exists() or not dependency)
+    if not validated:
+        validate(cfg, check_data=Path(str(cfg.data)).exists() or not dependency)
     run_dir = Path(cfg.run_dir)
     out_dir = Path(str(cfg.out_dir))
     tasks, gpus = job_shape(cfg)
@@ -166,7 +172,7 @@ def launch_train(cfg: C.TrainConfig) -> int:
         if live:
             print(f"train: job {live} is already queued or running for {run_dir}; not resubmitted")
             return 0
-        job, _ = submit_train(cfg, kind=kind)
+        job, _ = submit_train(cfg, kind=kind, validated=True)  # checked above, before the lock
         if job is None:
             return 0
         if not cfg.wait:
