@@ -162,9 +162,17 @@ def _failed_local(jobs: list[Any], shards: list[int]) -> list[tuple[int, str, st
         try:
             job.result()
         except Exception as e:
-            last = str(e).strip().splitlines()[-1:] or ["failed"]
-            failed.append((shard, str(job.paths.stderr), last[0][:300]))
+            failed.append((shard, str(job.paths.stderr), failure_line(str(e))))
     return failed
+
+
+def failure_line(text: str) -> str:
+    """The exception line of a submitit failure (its traceback sits between dashed rules,
+    followed by the log paths)."""
+    parts = text.split("-" * 22)
+    body = parts[1] if len(parts) >= 3 else text
+    lines = [ln.strip() for ln in body.strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else "failed")[:300]
 
 
 def _failure_text(stage: str, failed: list[tuple[int, str, str]]) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 from hpc import config as C
 from hpc import executor as E
 from hpc import runs
-from hpc.stage import StageFailed, job_payload, poll_interval
+from hpc.stage import StageFailed, failure_line, job_payload, poll_interval
 
 TRAIN_PATHS = ("student", "data", "out_dir", "deepspeed", "resume_from_checkpoint")
 
@@ -210,14 +210,6 @@ def _progress(out_dir: Path) -> str | None:
     if not row:
         return None
     return f"train: step {row['step']}  loss {row['loss']:.4f}  {row['tokens_per_s']:.0f} tok/s"
-
-
-def failure_line(text: str) -> str:
-    """The exception line of a submitit failure (its traceback sits between dashed rules)."""
-    parts = text.split("-" * 22)
-    body = parts[1] if len(parts) >= 3 else text
-    lines = [ln.strip() for ln in body.strip().splitlines() if ln.strip()]
-    return (lines[-1] if lines else "failed")[:300]
 
 
 def wait_train(job: Any, kind: str, run_dir: Path, out_dir: Path) -> dict[str, Any]:

@@ -191,7 +191,8 @@ def test_bad_records_fail_before_anything_is_submitted(
 
 def test_job_shape_paths_and_failure_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from hpc.config import ConfigError, TrainConfig
-    from hpc.train_stage import failure_line, job_shape, resolve_paths
+    from hpc.stage import failure_line
+    from hpc.train_stage import job_shape, resolve_paths
 
     assert job_shape(TrainConfig()) == (1, 0)  # CPU: one process per node
     assert job_shape(TrainConfig(gpus_per_node=4)) == (4, 4)  # one process per GPU
