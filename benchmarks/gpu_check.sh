@@ -61,7 +61,7 @@ import time
 from pathlib import Path
 
 from hpc.config import TrainConfig
-from hpc.train_stage import payload_of
+from hpc.stages.train import resolve
 from jobs.train import Train
 
 out, steps = Path(sys.argv[1]), int(sys.argv[2])
@@ -77,7 +77,7 @@ cfg = TrainConfig(
     per_device_train_batch_size=16, gradient_accumulation_steps=1, lr=1.0e-3, cpus_per_task=4,
 )
 t0 = time.time()
-result = Train()(payload_of(cfg))  # one process: world size 1, ZeRO-2 engine on GPU 0
+result = Train()(resolve(cfg))  # one process: world size 1, ZeRO-2 engine on GPU 0
 wall = time.time() - t0
 rows = [json.loads(x) for x in (out / "train" / "metrics.jsonl").read_text().splitlines()]
 eng = result["engine"]

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cot.errors import InputError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -27,7 +29,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-class ModelError(ValueError):
+class ModelError(InputError):
     """A model folder is missing, incomplete or needs a flag the user did not give."""
 
 
@@ -90,7 +92,7 @@ def resolve_quant(quant: str) -> bool:
     if quant == "none":
         return False
     if quant != "auto":
-        raise ValueError(f"quant must be auto, nf4 or none, got {quant!r}")
+        raise InputError(f"quant must be auto, nf4 or none, got {quant!r}")
     if cuda_available():
         return True
     log.info("quant=auto: no CUDA device, loading in full precision instead of NF4")

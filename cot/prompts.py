@@ -5,6 +5,8 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from cot.errors import InputError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEACHER_TEMPLATE = REPO_ROOT / "templates" / "prompts" / "teacher.txt"
 STUDENT_TEMPLATE = REPO_ROOT / "templates" / "prompts" / "student.txt"
@@ -19,14 +21,14 @@ def load_template(path: str | Path) -> str:
     """
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"prompt template {p} not found")
+        raise InputError(f"prompt template {p} not found")
     lines = p.read_text(encoding="utf-8").splitlines()
     # A comment is "#" alone or "# text"; "### Question:" is part of the seed's format.
     while lines and (lines[0] == "#" or lines[0].startswith("# ")):
         lines.pop(0)
     text = "\n".join(lines)
     if "{question}" not in text:
-        raise ValueError(f"prompt template {p} has no {{question}} placeholder")
+        raise InputError(f"prompt template {p} has no {{question}} placeholder")
     return text
 
 

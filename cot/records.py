@@ -14,8 +14,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from cot.errors import InputError
 
-class RecordError(ValueError):
+
+class RecordError(InputError):
     """Bad input data. ``str(err)`` reads ``FILE:LINE: field 'x': what is wrong``."""
 
     def __init__(self, path: str | Path, line: int | None, message: str, field: str | None = None):

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cot.errors import InputError
 from cot.prompts import student_prompt
 from cot.records import RecordError, atomic_write_text, iter_jsonl
 
@@ -126,7 +127,7 @@ def encode_example(
     """
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError("the tokenizer has no eos token; cannot mark the end of an answer")
+        raise InputError("the tokenizer has no eos token; cannot mark the end of an answer")
     prompt = student_prompt(question)
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(prompt + cot, return_offsets_mapping=True)
@@ -288,7 +289,7 @@ def write_checkpoint_marker(ckpt: str | Path, step: int, **info: Any) -> Path:
     ckpt = Path(ckpt)
     files = _manifest(ckpt)
     if not files:
-        raise ValueError(f"{ckpt}: refusing to mark an empty checkpoint complete")
+        raise InputError(f"{ckpt}: refusing to mark an empty checkpoint complete")
     for rel in files:
         fd = os.open(ckpt / rel, os.O_RDONLY)
         try:
@@ -389,11 +390,11 @@ def load_deepspeed_config(path: str | Path | None) -> dict[str, Any] | None:
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"{p}: DeepSpeed config not found") from None
+        raise InputError(f"{p}: DeepSpeed config not found") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{p}:{e.lineno}: invalid JSON in DeepSpeed config: {e.msg}") from None
+        raise InputError(f"{p}:{e.lineno}: invalid JSON in DeepSpeed config: {e.msg}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{p}: a DeepSpeed config must be a JSON object")
+        raise InputError(f"{p}: a DeepSpeed config must be a JSON object")
     # DeepSpeed rejects unknown top-level keys in some versions; the comment is for humans.
     return {k: v for k, v in data.items() if not k.startswith("_")}
 
@@ -618,8 +619,86 @@ def make_callbacks(
     return [StopOnRequest(), MarkCheckpoints(), JsonlMetrics()]
 
 
+@dataclass(frozen=True)
+class TrainHParams:
+    """Everything one training run needs to know, typed (the way open-r1's ``sft.py`` takes
+    ``ScriptArguments``/``SFTConfig``). The cluster layer builds it from its ``TrainConfig``."""
+
+    student: str
+    data: str
+    epochs: float = 3.0
+    max_steps: int | None = None
+    lr: float = 2.0e-4
+    per_device_train_batch_size: int = 2
+    gradient_accumulation_steps: int = 4
+    r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    max_length: int = 1024
+    overlong: str = "truncate"
+    quant: str = "auto"
+    optim: str = "auto"
+    deepspeed: str | None = None
+    save_steps: int = 50
+    save_total_limit: int = 2
+    logging_steps: int = 5
+    gradient_checkpointing: bool = False
+    resume_from_checkpoint: str | None = None
+    trust_remote_code: bool = False
+    seed: int = 42
+
+    @classmethod
+    def pick(cls, source: Any) -> TrainHParams:
+        """The fields of ``source`` (any object with these attribute names) that this has."""
+        from dataclasses import fields
+
+        return cls(**{f.name: getattr(source, f.name) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class TrainOutputs:
+    """The files of a training output folder (``--out-dir``)."""
+
+    dir: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        """``checkpoints/checkpoint-<step>/``, each complete once its marker exists."""
+        return self.dir / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        """``adapter/``: the final LoRA adapter."""
+        return self.dir / "adapter"
+
+    @property
+    def metrics(self) -> Path:
+        """``metrics.jsonl``: one line per logging step."""
+        return self.dir / "metrics.jsonl"
+
+    @property
+    def loss_plot(self) -> Path:
+        """``training_loss.png``, drawn from ``metrics.jsonl``."""
+        return self.dir / "training_loss.png"
+
+    @property
+    def engine(self) -> Path:
+        """``engine.json``: what DeepSpeed/DDP actually ran."""
+        return self.dir / "engine.json"
+
+    @property
+    def summary(self) -> Path:
+        """``train_summary.json``."""
+        return self.dir / "train_summary.json"
+
+    @property
+    def config(self) -> Path:
+        """``config.yaml``: the resolved training config."""
+        return self.dir / "config.yaml"
+
+
 def training_arguments(
-    cfg: dict[str, Any],
+    cfg: TrainHParams,
     *,
     output_dir: Path,
     optim: str,
@@ -632,18 +711,18 @@ def training_arguments(
     bf16 = bool(cuda and _bf16_ok())
     return TrainingArguments(
         output_dir=str(output_dir),
-        num_train_epochs=float(cfg["epochs"]),
-        max_steps=int(cfg["max_steps"]) if cfg.get("max_steps") else -1,
-        learning_rate=float(cfg["lr"]),
-        per_device_train_batch_size=int(cfg["per_device_train_batch_size"]),
-        gradient_accumulation_steps=int(cfg["gradient_accumulation_steps"]),
+        num_train_epochs=float(cfg.epochs),
+        max_steps=int(cfg.max_steps) if cfg.max_steps else -1,
+        learning_rate=float(cfg.lr),
+        per_device_train_batch_size=int(cfg.per_device_train_batch_size),
+        gradient_accumulation_steps=int(cfg.gradient_accumulation_steps),
         lr_scheduler_type="linear",
         warmup_steps=0,
-        logging_steps=int(cfg["logging_steps"]),
+        logging_steps=int(cfg.logging_steps),
         save_strategy="steps",
-        save_steps=int(cfg["save_steps"]),
+        save_steps=int(cfg.save_steps),
         save_total_limit=None,  # rotation is ours: it must know which checkpoints are complete
-        seed=int(cfg["seed"]),
+        seed=int(cfg.seed),
         optim=optim,
         deepspeed=deepspeed,
         bf16=bf16,
@@ -788,7 +867,7 @@ def _choose_resume(explicit: str | None, root: Path) -> str | None:
     if rank == 0:
         if explicit:
             if not Path(explicit).is_dir():
-                raise ValueError(f"--resume-from-checkpoint {explicit}: no such folder")
+                raise InputError(f"--resume-from-checkpoint {explicit}: no such folder")
             if not checkpoint_complete(explicit):
                 log.warning("%s has no completion marker; resuming from it as asked", explicit)
             choice = str(Path(explicit).resolve())
@@ -807,7 +886,7 @@ def _choose_resume(explicit: str | None, root: Path) -> str | None:
 
 
 def run_training(
-    cfg: dict[str, Any], *, out_dir: Path, stop_requested: Callable[[], bool]
+    cfg: TrainHParams, *, out_dir: Path, stop_requested: Callable[[], bool]
 ) -> TrainResult:
     """One attempt of a training run on this rank: resume, train, and (rank 0) save outputs.
 
@@ -823,51 +902,52 @@ def run_training(
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = bool(torch.cuda.is_available())
-    quantized, optim, note = resolve_precision(cfg["quant"], cfg["optim"], cuda)
+    quantized, optim, note = resolve_precision(cfg.quant, cfg.optim, cuda)
     if note and rank == 0:
         print(note, flush=True)
     tokenizer = load_tokenizer(
-        cfg["student"], trust_remote_code=cfg["trust_remote_code"], padding_side="right"
+        cfg.student, trust_remote_code=cfg.trust_remote_code, padding_side="right"
     )
     examples, stats = build_examples(
-        tokenizer, read_training_records(cfg["data"]), cfg["max_length"], cfg["overlong"]
+        tokenizer, read_training_records(cfg.data), cfg.max_length, cfg.overlong
     )
     if rank == 0:
-        print(stats.describe(cfg["max_length"]), flush=True)
+        print(stats.describe(cfg.max_length), flush=True)
     if not examples:
-        raise ValueError(f"{cfg['data']}: no record fits --max-length {cfg['max_length']}")
-    ckpt_root = out_dir / "checkpoints"
+        raise InputError(f"{cfg.data}: no record fits --max-length {cfg.max_length}")
+    outputs = TrainOutputs(out_dir)
+    ckpt_root = outputs.checkpoints
     args = training_arguments(
         cfg,
         output_dir=ckpt_root,
         optim=optim,
-        deepspeed=load_deepspeed_config(cfg.get("deepspeed")),
+        deepspeed=load_deepspeed_config(cfg.deepspeed),
         cuda=cuda,
     )
     _ = args.device  # brings the process group up now, before the ranks must agree on anything
-    resume = _choose_resume(cfg.get("resume_from_checkpoint"), ckpt_root)
+    resume = _choose_resume(cfg.resume_from_checkpoint, ckpt_root)
     if rank == 0:
         what = f"resuming from {resume}" if resume else "starting from scratch"
         print(f"{what} (setup {time.time() - t0:.1f}s)", flush=True)
     model = load_model(
-        cfg["student"],
+        cfg.student,
         quant="nf4" if quantized else "none",
-        trust_remote_code=cfg["trust_remote_code"],
+        trust_remote_code=cfg.trust_remote_code,
         device=f"cuda:{local_rank}" if cuda else "cpu",
     )
     model = prepare_lora_model(
         model,
-        r=cfg["r"],
-        lora_alpha=cfg["lora_alpha"],
-        lora_dropout=cfg["lora_dropout"],
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
         quantized=quantized,
-        gradient_checkpointing=cfg["gradient_checkpointing"],
-        seed=cfg["seed"],
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        seed=cfg.seed,
     )
     callbacks = make_callbacks(
         checkpoint_root=ckpt_root,
-        keep=cfg["save_total_limit"],
-        metrics_path=out_dir / "metrics.jsonl",
+        keep=cfg.save_total_limit,
+        metrics_path=outputs.metrics,
         stop_requested=stop_requested,
         world_size=int(args.world_size),
     )
@@ -887,12 +967,10 @@ def run_training(
         gpu_peak_mem_gb=peak_gpu_memory_gb(),
     )
     if rank == 0:
-        atomic_write_text(out_dir / "engine.json", json.dumps(engine, indent=1))
+        atomic_write_text(outputs.engine, json.dumps(engine, indent=1))
         if not preempted:
-            save_adapter_atomically(trainer.model, tokenizer, out_dir / "adapter")
-            plot_metrics(out_dir / "metrics.jsonl", out_dir / "training_loss.png")
-            atomic_write_text(
-                out_dir / "train_summary.json", json.dumps(result.to_dict(), indent=1)
-            )
+            save_adapter_atomically(trainer.model, tokenizer, outputs.adapter)
+            plot_metrics(outputs.metrics, outputs.loss_plot)
+            atomic_write_text(outputs.summary, json.dumps(result.to_dict(), indent=1))
     barrier()
     return result

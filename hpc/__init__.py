@@ -1,1 +1,1 @@
-"""cot-hpc cluster layer: CLI, executor facade, shards, requeue, distributed env, status."""
+"""cot-hpc's cluster layer: CLI, typed config, backends, stages, run folder, shards, status."""

@@ -8,6 +8,7 @@ Unknown keys and bad values stop with an error naming the key and the file (and 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from hpc.errors import ConfigError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO_ROOT / "templates"
 DEFAULT_CONFIG = TEMPLATES / "demo.yaml"
@@ -23,10 +26,18 @@ DEFAULT_CONFIG = TEMPLATES / "demo.yaml"
 # Constraint tags used in field metadata.
 POSITIVE = "positive"  # > 0
 NONNEG = "nonneg"  # >= 0
+# Path kinds used in field metadata: resolved against the current folder, or, for files the repo
+# ships (templates/...), against the repo when the current folder has no such file.
+PATH = "path"
+REPO_PATH = "repo_path"
+# Characters that must never reach an sbatch script: sbatch stops reading #SBATCH lines at the
+# first line that is not one, so a newline in a value would drop the settings after it.
+SBATCH_UNSAFE = ("\n", "\r", "\x00")
 
 
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the key and where it came from."""
+def fields_of(cls: type) -> dict[str, dataclasses.Field[Any]]:
+    """The dataclass fields of ``cls`` by name."""
+    return {f.name: f for f in dataclasses.fields(cls)}
 
 
 def opt(
@@ -36,10 +47,34 @@ def opt(
     check: str | None = None,
     choices: tuple[str, ...] | None = None,
     aliases: tuple[str, ...] = (),
+    path: str | None = None,
+    sbatch: bool = False,
 ) -> Any:
-    """A dataclass field with CLI help, a value check, choices and extra flag aliases."""
-    meta = {"help": help, "check": check, "choices": choices, "aliases": aliases}
+    """A dataclass field with CLI help, a value check, choices, flag aliases and a path kind.
+
+    Args:
+        path: ``PATH`` or ``REPO_PATH`` when the value is a file or folder; :func:`resolve_paths`
+            makes every such field absolute before a job gets the config.
+        sbatch: the value reaches the sbatch script; newlines, CR and NUL are refused.
+    """
+    meta = {
+        "help": help,
+        "check": check,
+        "choices": choices,
+        "aliases": aliases,
+        "path": path,
+        "sbatch": sbatch,
+    }
     return field(default=default, metadata=meta)
+
+
+def like(group: type, name: str, default: Any) -> Any:
+    """Field ``name`` of ``group`` (its help, checks and path kind) with another default.
+
+    Stages that share a field declare it once, in a group, and change only the default here.
+    """
+    f = fields_of(group)[name]
+    return field(default=default, metadata=f.metadata)
 
 
 @dataclass
@@ -51,9 +86,9 @@ class ClusterFields:
         "auto picks SLURM only when a controller answers `scontrol ping`",
         choices=("auto", "slurm", "local"),
     )
-    partition: str | None = opt(None, "SLURM partition")
-    account: str | None = opt(None, "SLURM account")
-    qos: str | None = opt(None, "SLURM quality of service")
+    partition: str | None = opt(None, "SLURM partition", sbatch=True)
+    account: str | None = opt(None, "SLURM account", sbatch=True)
+    qos: str | None = opt(None, "SLURM quality of service", sbatch=True)
     time_min: int = opt(240, "time limit per job, minutes", check=POSITIVE)
     gpus_per_task: int = opt(0, "GPUs per task (per node for training)", check=NONNEG)
     cpus_per_task: int = opt(2, "CPUs per task", check=POSITIVE)
@@ -62,15 +97,43 @@ class ClusterFields:
     signal_delay_s: int = opt(90, "seconds before the time limit that USR2 is sent", check=POSITIVE)
     max_num_timeout: int = opt(3, "requeues allowed after a timeout", check=NONNEG)
     local_parallelism: int = opt(2, "local executor: shards run at once", check=POSITIVE)
-    run_dir: str = opt("runs/default", "run folder (plans, shards, markers, logs, outputs)")
+    run_dir: str = opt(
+        "runs/default", "run folder (plans, shards, markers, logs, outputs)", path=PATH, sbatch=True
+    )
     wait: bool = opt(False, "block until the stage (and its merge) finishes")
+
+
+@dataclass
+class ModelFields:
+    """How a model folder is loaded: shared by every stage that loads one."""
+
+    quant: str = opt(
+        "auto", "auto: NF4 only where CUDA is present", choices=("auto", "nf4", "none")
+    )
+    trust_remote_code: bool = opt(False, "allow model code shipped in the model folder")
+
+
+@dataclass
+class ShardedFields(ClusterFields, ModelFields):
+    """A stage that runs a model over an input file as an array of shards (generate, evaluate)."""
+
+    input: str = opt("data/raw_questions.jsonl", "questions (JSONL with `question`)", path=PATH)
+    output: str | None = opt(
+        None, "merged output (default: RUN_DIR/<stage>/merged.jsonl)", path=PATH
+    )
+    shards: int = opt(1, "array tasks", check=POSITIVE)
+    batch_size: int = opt(16, "sequences per generate call", check=POSITIVE)
+    max_new_tokens: int = opt(512, "new-token cap per answer", check=POSITIVE)
+    start_index: int = opt(0, "first input record to use", check=NONNEG)
+    num_samples: int | None = opt(None, "number of input records to use", check=POSITIVE)
+    seed: int = opt(0, "sampling seed", check=NONNEG)
 
 
 @dataclass
 class DataConfig:
     """`data`: the deterministic synthetic question set."""
 
-    out_dir: str = opt("data", "where raw_questions.jsonl and test_questions.jsonl go")
+    out_dir: str = opt("data", "where raw_questions.jsonl and test_questions.jsonl go", path=PATH)
     seed: int = opt(0, "generator seed", check=NONNEG)
 
 
@@ -78,8 +141,8 @@ class DataConfig:
 class TinyModelsConfig:
     """`tiny-models`: a tiny teacher and student built offline for tests and the demo."""
 
-    out_dir: str = opt("models/tiny", "where teacher/ and student/ go")
-    data_dir: str = opt("data", "dataset folder (built if missing)")
+    out_dir: str = opt("models/tiny", "where teacher/ and student/ go", path=PATH)
+    data_dir: str = opt("data", "dataset folder (built if missing)", path=PATH)
     seed: int = opt(0, "seed for tokenizer, init and training", check=NONNEG)
     teacher_steps: int = opt(300, "teacher training steps on reference solutions", check=NONNEG)
     student_steps: int = opt(300, "student pre-training steps (questions and steps)", check=NONNEG)
@@ -92,41 +155,37 @@ class DownloadConfig:
 
     teacher: str | None = opt(None, "hub id of the teacher, e.g. Qwen/Qwen2.5-14B-Instruct")
     student: str | None = opt(None, "hub id of the student, e.g. Qwen/Qwen2.5-7B")
-    out_dir: str = opt("models", "teacher/ and student/ are written below it")
+    out_dir: str = opt("models", "teacher/ and student/ are written below it", path=PATH)
     revision: str | None = opt(None, "branch, tag or commit")
 
 
 @dataclass
-class GenerateConfig(ClusterFields):
+class GenerateConfig(ShardedFields):
     """`generate`: sharded, batched, resumable teacher generation."""
 
-    teacher: str = opt("models/tiny/teacher", "teacher model folder", aliases=("--teacher_dir",))
-    input: str = opt("data/raw_questions.jsonl", "questions (JSONL with `question`)")
-    output: str | None = opt(None, "merged dataset (default: RUN_DIR/generate/merged.jsonl)")
-    shards: int = opt(1, "array tasks", check=POSITIVE)
-    batch_size: int = opt(16, "sequences per generate call", check=POSITIVE)
-    max_new_tokens: int = opt(512, "new-token cap per answer", check=POSITIVE)
+    teacher: str = opt(
+        "models/tiny/teacher", "teacher model folder", aliases=("--teacher_dir",), path=PATH
+    )
     samples_per_question: int = opt(1, "traces per question", check=POSITIVE)
     temperature: float = opt(0.7, "0 means greedy", check=NONNEG)
     top_p: float = opt(1.0, "nucleus sampling", check=POSITIVE)
     keep: str = opt("all", "keep all traces or only correct ones", choices=("all", "correct"))
-    start_index: int = opt(0, "first input record to use", check=NONNEG)
-    num_samples: int | None = opt(None, "number of input records to use", check=POSITIVE)
-    prompt_template: str = opt("templates/prompts/teacher.txt", "prompt with {question}")
-    quant: str = opt(
-        "auto", "auto: NF4 only where CUDA is present", choices=("auto", "nf4", "none")
+    prompt_template: str = opt(
+        "templates/prompts/teacher.txt", "prompt with {question}", path=REPO_PATH
     )
-    trust_remote_code: bool = opt(False, "allow model code shipped in the model folder")
-    seed: int = opt(0, "sampling seed", check=NONNEG)
 
 
 @dataclass
-class TrainConfig(ClusterFields):
+class TrainConfig(ClusterFields, ModelFields):
     """`train`: multi-node LoRA with DeepSpeed ZeRO-2, resumable from complete checkpoints."""
 
-    student: str = opt("models/tiny/student", "student model folder", aliases=("--student_dir",))
-    data: str | None = opt(None, "training JSONL with question + cot (default: generate's merge)")
-    out_dir: str | None = opt(None, "adapter and metrics (default: RUN_DIR/train)")
+    student: str = opt(
+        "models/tiny/student", "student model folder", aliases=("--student_dir",), path=PATH
+    )
+    data: str | None = opt(
+        None, "training JSONL with question + cot (default: generate's merge)", path=PATH
+    )
+    out_dir: str | None = opt(None, "adapter and metrics (default: RUN_DIR/train)", path=PATH)
     nodes: int = opt(1, "nodes", check=POSITIVE)
     tasks_per_node: int | None = opt(None, "processes per node (default: one per GPU, else 1)")
     gpus_per_node: int | None = opt(None, "GPUs per node (default: gpus_per_task)", check=NONNEG)
@@ -140,43 +199,35 @@ class TrainConfig(ClusterFields):
     lora_dropout: float = opt(0.05, "LoRA dropout", check=NONNEG)
     max_length: int = opt(1024, "tokens per example", check=POSITIVE)
     overlong: str = opt("truncate", "records over max_length", choices=("truncate", "drop"))
-    quant: str = opt(
-        "auto", "auto: NF4 only where CUDA is present", choices=("auto", "nf4", "none")
-    )
     optim: str = opt(
         "auto",
         "auto: paged_adamw_8bit where CUDA is present, else adamw_torch",
         choices=("auto", "paged_adamw_8bit", "adamw_torch"),
     )
-    deepspeed: str | None = opt("templates/ds_zero2.json", "DeepSpeed config ('' or null: DDP)")
+    deepspeed: str | None = opt(
+        "templates/ds_zero2.json", "DeepSpeed config ('' or null: DDP)", path=REPO_PATH
+    )
     save_steps: int = opt(50, "checkpoint every S optimizer steps", check=POSITIVE)
     save_total_limit: int = opt(2, "keep the last K checkpoints", check=POSITIVE)
     logging_steps: int = opt(5, "log metrics every N steps", check=POSITIVE)
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
-    resume_from_checkpoint: str | None = opt(None, "a checkpoint folder (default: the latest)")
-    trust_remote_code: bool = opt(False, "allow model code shipped in the model folder")
+    resume_from_checkpoint: str | None = opt(
+        None, "a checkpoint folder (default: the latest)", path=PATH
+    )
     seed: int = opt(42, "seed for LoRA init, data order and dropout", check=NONNEG)
 
 
 @dataclass
-class EvaluateConfig(ClusterFields):
+class EvaluateConfig(ShardedFields):
     """`evaluate`: sharded scoring of the student (with or without the adapter)."""
 
-    base_model: str = opt("models/tiny/student", "student base model folder")
-    lora_model: str | None = opt(None, "LoRA adapter folder (none: score the base model)")
-    input: str = opt("data/test_questions.jsonl", "test questions with `answer`")
-    output: str | None = opt(None, "predictions (default: RUN_DIR/evaluate/merged.jsonl)")
-    shards: int = opt(1, "array tasks", check=POSITIVE)
-    batch_size: int = opt(16, "sequences per generate call", check=POSITIVE)
-    max_new_tokens: int = opt(256, "new-token cap per answer", check=POSITIVE)
-    compare_base: bool = opt(False, "also score the base student and show the difference")
-    start_index: int = opt(0, "first input record to use", check=NONNEG)
-    num_samples: int | None = opt(None, "number of input records to use", check=POSITIVE)
-    quant: str = opt(
-        "auto", "auto: NF4 only where CUDA is present", choices=("auto", "nf4", "none")
+    base_model: str = opt("models/tiny/student", "student base model folder", path=PATH)
+    lora_model: str | None = opt(
+        None, "LoRA adapter folder (none: score the base model)", path=PATH
     )
-    trust_remote_code: bool = opt(False, "allow model code shipped in the model folder")
-    seed: int = opt(0, "seed", check=NONNEG)
+    input: str = like(ShardedFields, "input", "data/test_questions.jsonl")
+    max_new_tokens: int = like(ShardedFields, "max_new_tokens", 256)
+    compare_base: bool = opt(False, "also score the base student and show the difference")
 
 
 STAGES: dict[str, type] = {
@@ -189,11 +240,6 @@ STAGES: dict[str, type] = {
 }
 
 C = TypeVar("C")
-
-
-def fields_of(cls: type) -> dict[str, dataclasses.Field[Any]]:
-    """The dataclass fields of ``cls`` by name."""
-    return {f.name: f for f in dataclasses.fields(cls)}
 
 
 def _type_of(cls: type, name: str) -> tuple[type, bool]:
@@ -230,6 +276,13 @@ def coerce(cls: type, name: str, value: Any, where: str) -> Any:
             f"{where}: '{name}' must be {base.__name__}, got {type(value).__name__} {value!r}"
         )
     value = base(value)
+    if base is float and not math.isfinite(value):
+        raise ConfigError(f"{where}: '{name}' must be a finite number, got {value!r}")
+    if meta.get("sbatch") and any(c in value for c in SBATCH_UNSAFE):
+        raise ConfigError(
+            f"{where}: '{name}' must not contain a newline, carriage return or NUL "
+            f"(it reaches the sbatch script), got {value!r}"
+        )
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(
             f"{where}: '{name}' must be one of {list(meta['choices'])}, got {value!r}"
@@ -259,9 +312,16 @@ def _yaml_sections(path: Path) -> dict[str, tuple[dict[str, Any], dict[str, int]
     if not isinstance(root, yaml.MappingNode):
         raise ConfigError(f"{path}:1: the config must be a mapping of sections")
     out: dict[str, tuple[dict[str, Any], dict[str, int]]] = {}
+    section_lines: dict[str, int] = {}
     for key_node, val_node in root.value:
         section = key_node.value
         line = key_node.start_mark.line + 1
+        if section in section_lines:
+            raise ConfigError(
+                f"{path}:{line}: section '{section}' appears twice (first on line "
+                f"{section_lines[section]})"
+            )
+        section_lines[section] = line
         if not isinstance(val_node, yaml.MappingNode):
             if val_node.tag.endswith(":null"):
                 out[section] = ({}, {})
@@ -270,6 +330,11 @@ def _yaml_sections(path: Path) -> dict[str, tuple[dict[str, Any], dict[str, int]
         values: dict[str, Any] = {}
         lines: dict[str, int] = {}
         for k, v in val_node.value:
+            if k.value in lines:
+                raise ConfigError(
+                    f"{path}:{k.start_mark.line + 1}: {section}.{k.value} appears twice "
+                    f"(first on line {lines[k.value]})"
+                )
             values[k.value] = yaml.safe_load(yaml.serialize(v))
             lines[k.value] = k.start_mark.line + 1
         out[section] = (values, lines)
@@ -311,6 +376,32 @@ def load_config(
     for key, value in (overrides or {}).items():
         values[key] = coerce(cls, key, value, f"command line: --{key.replace('_', '-')}")
     return cls(**values)
+
+
+def resolve_paths(cfg: C) -> C:
+    """A copy of ``cfg`` with every path field absolute (jobs start in another folder).
+
+    This is the one place that decides what a path is: the ``path`` kind in each field's
+    metadata. A relative ``REPO_PATH`` (a file the repo ships, such as ``templates/...``) that
+    does not exist under the current folder is taken from the repo, so the shipped defaults
+    work from anywhere.
+    """
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):  # type: ignore[arg-type]
+        kind, value = f.metadata.get("path"), getattr(cfg, f.name)
+        if not kind or not value:
+            continue
+        p = Path(value)
+        repo_file = kind == REPO_PATH and not p.is_absolute() and not p.exists()
+        if repo_file and (REPO_ROOT / p).exists():
+            p = REPO_ROOT / p
+        changes[f.name] = str(p.resolve())
+    return dataclasses.replace(cfg, **changes)  # type: ignore[type-var]
+
+
+def path_fields(cls: type) -> list[str]:
+    """The names of the fields of ``cls`` that hold a path."""
+    return [n for n, f in fields_of(cls).items() if f.metadata.get("path")]
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -8,14 +8,13 @@ torch and transformers load only inside the commands that need them.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from hpc import config as C
-from hpc.config import ConfigError
+from hpc.errors import ConfigError
 
 Handler = Callable[[Any, argparse.Namespace], int]
 
@@ -78,52 +77,9 @@ def cmd_data(cfg: C.DataConfig, ns: argparse.Namespace) -> int:
 
 def cmd_tiny_models(cfg: C.TinyModelsConfig, ns: argparse.Namespace) -> int:
     """Build the tiny teacher and student offline."""
-    import fcntl
-    import json
+    from hpc.prepare import build_tiny_models
 
-    from cot.dataset import write_splits
-    from cot.models import TINY_STUDENT, TINY_TEACHER, build_tiny_models
-    from cot.prompts import TEACHER_TEMPLATE, load_template
-    from cot.records import atomic_write_text, read_questions
-    from hpc.shards import sha256_file
-
-    out = Path(cfg.out_dir)
-    train_path = Path(cfg.data_dir) / "raw_questions.jsonl"
-    if not train_path.exists():
-        write_splits(Path(cfg.data_dir), seed=0)
-    # Rebuild whenever anything that shapes the models changed, not only when they're missing.
-    build = {
-        "seed": cfg.seed,
-        "teacher_steps": cfg.teacher_steps,
-        "student_steps": cfg.student_steps,
-        "teacher": TINY_TEACHER,
-        "student": TINY_STUDENT,
-        "data_sha256": sha256_file(train_path),
-        "prompt_sha256": sha256_file(TEACHER_TEMPLATE),
-        "builder": 2,
-    }
-    stamp = out / "build.json"
-    out.mkdir(parents=True, exist_ok=True)
-    lock = open(out / ".build.lock", "w")  # noqa: SIM115 - held until the build is done
-    fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits, then finds the models built
-    if not cfg.force and stamp.exists() and json.loads(stamp.read_text()) == build:
-        print(f"tiny models already in {out} (use --force to rebuild)")
-        return 0
-    records = read_questions(train_path)
-    stats = build_tiny_models(
-        out,
-        records,
-        seed=cfg.seed,
-        teacher_steps=cfg.teacher_steps,
-        student_steps=cfg.student_steps,
-        prompt_template=load_template(TEACHER_TEMPLATE),
-    )
-    atomic_write_text(stamp, json.dumps(build, indent=1))
-    for name, s in stats.items():
-        print(
-            f"{name}: {out / name}  params={s['params']:,}  steps={s['steps']}  "
-            f"loss {s['first_loss'] or 0:.2f} -> {s['last_loss'] or 0:.2f}  {s['seconds']}s"
-        )
+    build_tiny_models(cfg)
     return 0
 
 
@@ -152,75 +108,28 @@ def cmd_download(cfg: C.DownloadConfig, ns: argparse.Namespace) -> int:
 
 def cmd_generate(cfg: C.GenerateConfig, ns: argparse.Namespace) -> int:
     """Sharded teacher generation, then the verified merge."""
-    from cot.models import check_model_dir, check_remote_code
-    from cot.prompts import load_template
-    from hpc.stage import launch_sharded
-    from jobs.generate import GenerateShard
+    from hpc.stages import GenerateStage, run_stages
 
-    def check_models() -> None:
-        check_remote_code(check_model_dir(cfg.teacher), cfg.trust_remote_code)
-        load_template(cfg.prompt_template)
-
-    return launch_sharded(
-        "generate",
-        cfg,
-        GenerateShard(),
-        check_models=check_models,
-        keep=cfg.keep,
-        samples=cfg.samples_per_question,
-    )
+    run_stages([GenerateStage(cfg)], cfg, wait=cfg.wait)
+    return 0
 
 
 def cmd_evaluate(cfg: C.EvaluateConfig, ns: argparse.Namespace) -> int:
     """Sharded scoring of the student (and optionally the base student), then the report."""
-    import dataclasses
+    from hpc.stages import evaluation_stages, report_text, run_stages
 
-    from cot.models import check_adapter_dir, check_model_dir, check_remote_code
-    from hpc import runs
-    from hpc.stage import submit_after, submit_sharded, wait_stage
-    from jobs.evaluate import EvaluateShard
-    from jobs.report import Report
-
-    def check_models() -> None:
-        check_remote_code(check_model_dir(cfg.base_model), cfg.trust_remote_code)
-        if cfg.lora_model:
-            check_adapter_dir(cfg.lora_model)
-
-    run_dir = runs.make_run_dir(cfg.run_dir)
-    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
-    with runs.run_lock(run_dir):
-        subs = [submit_sharded("evaluate", cfg, EvaluateShard(), check_models=check_models)]
-        if cfg.compare_base:
-            base_cfg = dataclasses.replace(cfg, lora_model=None, output=None)
-            subs.append(
-                submit_sharded(
-                    "evaluate_base", base_cfg, EvaluateShard(), check_models=check_models
-                )
-            )
-        deps = [d for s in subs for d in s.dependency]
-        job, report = submit_after(
-            cfg, run_dir, "report", Report(), (str(run_dir), cfg.compare_base), deps, subs[0].kind
-        )
-    if job is not None:
-        if not cfg.wait:
-            return 0
-        for sub in subs:
-            if sub.merge_job is not None:
-                wait_stage(sub)
-        report = job.result()
-    print(f"report: {run_dir / 'results' / 'report.md'}")
-    o = report["student"]["overall"]
-    print(
-        f"accuracy {o['accuracy']:.1%}  format compliance {o['format_compliance']:.1%}  n={o['n']}"
-    )
+    out = run_stages(evaluation_stages(cfg), cfg, wait=cfg.wait)
+    if "report" in out.results:
+        print(report_text(out.results["report"]))
     return 0
 
 
 def cmd_train(cfg: C.TrainConfig, ns: argparse.Namespace) -> int:
     """Multi-node LoRA training (one job, nodes x tasks_per_node processes)."""
-    from hpc.train_stage import launch_train
+    from hpc.stages import TrainStage, run_stages
 
-    return launch_train(cfg)
+    run_stages([TrainStage(cfg)], cfg, wait=cfg.wait)
+    return 0
 
 
 def cmd_pipeline(ns: argparse.Namespace) -> int:
@@ -233,21 +142,10 @@ def cmd_pipeline(ns: argparse.Namespace) -> int:
 
 def cmd_merge(ns: argparse.Namespace) -> int:
     """Merge a stage's shards by hand (normally a dependent job does it)."""
-    import yaml
+    from hpc.stages import MergeStage, describe
 
-    from jobs.merge import Merge, describe
-
-    run_dir = Path(ns.run_dir)
-    resolved = (
-        yaml.safe_load((run_dir / "config.yaml").read_text())
-        if (run_dir / "config.yaml").exists()
-        else {}
-    )
-    stage_cfg = (resolved or {}).get(ns.stage, {})
-    output = ns.output or stage_cfg.get("output")
-    keep = ns.keep or stage_cfg.get("keep", "all")
-    counts = Merge()(str(run_dir), ns.stage, [output] if output else [], keep)
-    print(describe(counts))
+    stage = MergeStage.from_run(Path(ns.run_dir), ns.stage, ns.output, ns.keep)
+    print(describe(stage.run_here()))
     return 0
 
 
@@ -333,18 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, resolve the config, run the command. Errors exit non-zero with one clear line."""
+    from cot.errors import CotError
+    from hpc import logs
+
     parser = build_parser()
     ns = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if ns.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    from cot.models import ModelError
-    from cot.records import RecordError
-    from hpc.runs import RunLockedError
-    from hpc.shards import PlanError
-    from hpc.stage import StageFailed
-
+    logs.setup(verbose=ns.verbose)
     try:
         if ns.command == "merge":
             return cmd_merge(ns)
@@ -355,12 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         section, cls, handler, _ = COMMANDS[ns.command]
         cfg: Any = C.load_config(cls, section, ns.config, overrides(ns, cls))
         return handler(cfg, ns)
-    except (ConfigError, RecordError, ModelError, PlanError, RunLockedError, ValueError) as e:
+    except CotError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except StageFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from cot.records import atomic_write_text
+from hpc.errors import RunLockedError
+from hpc.layout import RunLayout
 
-
-class RunLockedError(RuntimeError):
-    """Another launch holds this run folder's lock."""
+__all__ = ["RunLockedError", "latest_jobs", "make_run_dir", "read_launch", "record_launch"]
 
 
 def make_run_dir(path: str | Path) -> Path:
@@ -29,7 +29,7 @@ def make_run_dir(path: str | Path) -> Path:
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold ``RUN_DIR/.lock`` (flock) for the duration; a second launch refuses at once."""
-    path = run_dir / ".lock"
+    path = RunLayout(run_dir).lock
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
@@ -49,7 +49,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
 def read_launch(run_dir: Path) -> dict[str, Any]:
     """``launch.json`` as a dict (empty when absent)."""
-    path = run_dir / "launch.json"
+    path = RunLayout(run_dir).launch
     if not path.exists():
         return {}
     data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
@@ -61,7 +61,7 @@ def record_launch(run_dir: Path, stage: str, entry: dict[str, Any]) -> None:
     data = read_launch(run_dir)
     st = data.setdefault("stages", {}).setdefault(stage, {"submissions": []})
     st["submissions"].append({"time": time.time(), **entry})
-    atomic_write_text(run_dir / "launch.json", json.dumps(data, indent=1))
+    atomic_write_text(RunLayout(run_dir).launch, json.dumps(data, indent=1))
 
 
 def latest_jobs(run_dir: Path, stage: str) -> dict[str, Any]:
@@ -76,3 +76,33 @@ def latest_jobs(run_dir: Path, stage: str) -> dict[str, Any]:
         out["merge"] = s.get("merge") or out["merge"]
         out["job"] = s.get("job") or out["job"]
     return out
+
+
+class Submission:
+    """One launch's entry in ``launch.json``, written as soon as each part is submitted.
+
+    A failed sbatch on a later array, or a Ctrl-C, must never leave running jobs unrecorded
+    (the relaunch would start a second writer on their shards), so every part is recorded the
+    moment it exists: ``update(shards=..., arrays=...)`` per array, then ``update(merge=...)``.
+    """
+
+    def __init__(self, run_dir: Path, stage: str, kind: str, **fields: Any):
+        self.run_dir, self.stage = Path(run_dir), stage
+        data = read_launch(self.run_dir)
+        st = data.setdefault("stages", {}).setdefault(stage, {"submissions": []})
+        st["submissions"].append({"time": time.time(), "kind": kind, **fields})
+        self.index = len(st["submissions"]) - 1
+        atomic_write_text(RunLayout(self.run_dir).launch, json.dumps(data, indent=1))
+
+    def update(self, **fields: Any) -> None:
+        """Add to this submission: ``shards`` and other dicts merge, ``arrays`` and lists extend."""
+        data = read_launch(self.run_dir)
+        entry = data["stages"][self.stage]["submissions"][self.index]
+        for key, value in fields.items():
+            if isinstance(value, dict):
+                entry.setdefault(key, {}).update({str(k): v for k, v in value.items()})
+            elif isinstance(value, list):
+                entry.setdefault(key, []).extend(value)
+            else:
+                entry[key] = value
+        atomic_write_text(RunLayout(self.run_dir).launch, json.dumps(data, indent=1))

@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from cot.records import RecordError, atomic_open, atomic_write_text, dumps, fsync_dir
+from hpc.errors import PlanError
+from hpc.layout import StageLayout, shard_name
+
+__all__ = ["PlanError", "shard_name"]
 
 Key = tuple[str, int]  # (record id, sample index)
-
-
-class PlanError(ValueError):
-    """The run folder holds a plan for another input or shard count, or shards are missing."""
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -41,11 +41,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def shard_name(index: int) -> str:
-    """Zero-padded shard name, e.g. ``00003``."""
-    return f"{index:05d}"
 
 
 @dataclass
@@ -99,7 +94,7 @@ def make_plan(
 
 def write_or_check_plan(stage_dir: Path, plan: Plan) -> Plan:
     """Write ``plan.json`` once; on relaunch refuse a different input, selection or shard count."""
-    path = stage_dir / "plan.json"
+    path = StageLayout(stage_dir).plan
     if path.exists():
         old = Plan(**json.loads(path.read_text(encoding="utf-8")))
         old.ranges = [tuple(r) for r in old.ranges]  # type: ignore[misc]
@@ -126,7 +121,7 @@ def write_or_check_plan(stage_dir: Path, plan: Plan) -> Plan:
 
 def load_plan(stage_dir: Path) -> Plan:
     """Read a stage's plan."""
-    path = stage_dir / "plan.json"
+    path = StageLayout(stage_dir).plan
     if not path.exists():
         raise PlanError(f"{path}: no plan here; was the stage launched into this run folder?")
     plan = Plan(**json.loads(path.read_text(encoding="utf-8")))
@@ -136,17 +131,17 @@ def load_plan(stage_dir: Path) -> Plan:
 
 def shard_path(stage_dir: Path, shard: int) -> Path:
     """``shards/00003.jsonl``."""
-    return stage_dir / "shards" / f"{shard_name(shard)}.jsonl"
+    return StageLayout(stage_dir).shard(shard)
 
 
 def marker_path(stage_dir: Path, shard: int) -> Path:
     """``completions/00003``."""
-    return stage_dir / "completions" / shard_name(shard)
+    return StageLayout(stage_dir).marker(shard)
 
 
 def completed(stage_dir: Path) -> set[int]:
     """Shards with a completion marker."""
-    folder = stage_dir / "completions"
+    folder = StageLayout(stage_dir).completions
     if not folder.exists():
         return set()
     return {int(p.name) for p in folder.iterdir() if p.name.isdigit()}
@@ -395,7 +390,7 @@ def write_merged(
     Returns:
         counts: total, kept, and kept/total per category (with ``keep``).
     """
-    merged = stage_dir / "merged.jsonl"
+    merged = StageLayout(stage_dir).merged
     total = kept = 0
     per_cat: dict[str, list[int]] = {}
     if keep is None:
@@ -425,7 +420,7 @@ def _copy_atomic(src: Path, dest: Path, chunk: int = 1 << 20) -> None:
 
 def append_attempt(stage_dir: Path, shard: int, info: dict[str, Any]) -> int:
     """Record one start of a shard task; returns how many starts there have been."""
-    path = stage_dir / "attempts" / shard_name(shard)
+    path = StageLayout(stage_dir).attempts(shard)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(dumps(info) + "\n")

@@ -7,12 +7,12 @@ disk. A bare ``scontrol requeue`` skips ``checkpoint()`` and lands in the same o
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import submitit
 
-from jobs.sharded import run_shard
+from hpc.config import GenerateConfig
+from jobs.sharded import run_configured_shard, set_threads
 
 STAGE = "generate"
 
@@ -20,21 +20,19 @@ STAGE = "generate"
 class GenerateShard(submitit.helpers.Checkpointable):
     """Generate teacher traces for shard ``shard`` of the plan in ``RUN_DIR/generate``."""
 
-    def __call__(self, cfg: dict[str, Any], shard: int, stage: str = STAGE) -> dict[str, Any]:
-        import torch
-
+    def __call__(self, cfg: GenerateConfig, shard: int, stage: str = STAGE) -> dict[str, Any]:
         from cot.answers import answers_match, extract_final_answer
         from cot.generation import generate_batch
         from cot.models import load_model, load_tokenizer
         from cot.prompts import load_template, prompt
 
-        torch.set_num_threads(max(1, int(cfg["cpus_per_task"])))
-        template = load_template(cfg["prompt_template"])
+        set_threads(cfg)
+        template = load_template(cfg.prompt_template)
 
         def load() -> tuple[Any, Any]:
-            tok = load_tokenizer(cfg["teacher"], trust_remote_code=cfg["trust_remote_code"])
+            tok = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
             model = load_model(
-                cfg["teacher"], quant=cfg["quant"], trust_remote_code=cfg["trust_remote_code"]
+                cfg.teacher, quant=cfg.quant, trust_remote_code=cfg.trust_remote_code
             )
             return model, tok
 
@@ -43,9 +41,9 @@ class GenerateShard(submitit.helpers.Checkpointable):
                 model,
                 tok,
                 prompts,
-                max_new_tokens=cfg["max_new_tokens"],
-                temperature=cfg["temperature"],
-                top_p=cfg["top_p"],
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
                 seed=seed,
             )
 
@@ -64,14 +62,10 @@ class GenerateShard(submitit.helpers.Checkpointable):
                 out["correct"] = answers_match(pred, rec["answer"])
             return out
 
-        return run_shard(
-            Path(cfg["run_dir"]) / stage,
+        return run_configured_shard(
+            cfg,
+            stage,
             shard,
-            input_path=cfg["input"],
-            start_index=cfg["start_index"],
-            num_samples=cfg["num_samples"],
-            batch_size=cfg["batch_size"],
-            seed=cfg["seed"],
             load=load,
             prompt_of=lambda rec: prompt(template, rec["question"]),
             generate=generate,

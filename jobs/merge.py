@@ -14,6 +14,7 @@ import submitit
 
 from cot.records import atomic_write_text
 from hpc import shards as S
+from hpc.layout import RunLayout
 
 
 def keep_correct(rec: dict[str, Any]) -> bool:
@@ -27,7 +28,8 @@ class Merge(submitit.helpers.Checkpointable):
     def __call__(
         self, run_dir: str, stage: str, outputs: list[str], keep: str = "all"
     ) -> dict[str, Any]:
-        stage_dir = Path(run_dir) / stage
+        layout = RunLayout(Path(run_dir)).stage(stage)
+        stage_dir = layout.dir
         plan = S.load_plan(stage_dir)
         counts = S.write_merged(
             stage_dir,
@@ -35,19 +37,6 @@ class Merge(submitit.helpers.Checkpointable):
             [Path(o) for o in outputs],
             keep=keep_correct if keep == "correct" else None,
         )
-        counts.update(
-            stage=stage, keep=keep, outputs=outputs, merged=str(stage_dir / "merged.jsonl")
-        )
-        atomic_write_text(stage_dir / "merge.json", json.dumps(counts, indent=1))
+        counts.update(stage=stage, keep=keep, outputs=outputs, merged=str(layout.merged))
+        atomic_write_text(layout.merge_summary, json.dumps(counts, indent=1))
         return counts
-
-
-def describe(counts: dict[str, Any]) -> str:
-    """Human summary of a merge, with kept/total per category."""
-    lines = [f"merged {counts['kept']} of {counts['total']} records -> {counts['merged']}"]
-    if counts["keep"] != "all":
-        for cat, (kept, total) in sorted(counts["per_category"].items()):
-            lines.append(f"  {cat:<16} kept {kept:>6} of {total:>6}")
-    for o in counts["outputs"]:
-        lines.append(f"  copied to {o}")
-    return "\n".join(lines)

@@ -7,6 +7,8 @@ from typing import Any
 
 import submitit
 
+from hpc.layout import RunLayout
+
 
 class Report(submitit.helpers.Checkpointable):
     """Write the evaluation report; with ``compare_base`` also score the base student."""
@@ -14,8 +16,8 @@ class Report(submitit.helpers.Checkpointable):
     def __call__(self, run_dir: str, compare_base: bool = False) -> dict[str, Any]:
         from cot.evaluation import write_report
 
-        run = Path(run_dir)
-        base = run / "evaluate_base" / "merged.jsonl" if compare_base else None
-        report = write_report(run / "results", run / "evaluate" / "merged.jsonl", base)
-        report["report_md"] = str(run / "results" / "report.md")
+        run = RunLayout(Path(run_dir))
+        base = run.stage("evaluate_base").merged if compare_base else None
+        report = write_report(run.results, run.stage("evaluate").merged, base)
+        report["report_md"] = str(run.report_md)
         return report

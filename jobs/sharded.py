@@ -7,17 +7,22 @@ writes the completion marker last. Preemption costs at most the batch in flight.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import signal
 import socket
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from cot.records import append_durable, read_questions
 from hpc import shards as S
+from hpc.config import ShardedFields
+from hpc.layout import RunLayout
 
 Item = tuple[dict[str, Any], int]  # (input record, sample index)
 
@@ -56,6 +61,31 @@ def task_info() -> dict[str, Any]:
         "array_task_id": env.get("SLURM_ARRAY_TASK_ID"),
         "restart_count": int(env.get("SLURM_RESTART_COUNT", "0")),
     }
+
+
+class Terminated(SystemExit):
+    """SIGTERM arrived: Slurm is ending this attempt (a requeue, a cancel, a node going down)."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[Callable[[], bool]]:
+    """Yield a check that turns true once SIGTERM has arrived; restore the handler after.
+
+    Slurm sends SIGTERM, then SIGKILL ``KillWait`` seconds later, when it ends an attempt
+    without the preemption signal (``scontrol requeue``, ``scancel``). submitit only logs it,
+    so a task would go on computing records it cannot finish; checking between batches stops it
+    at a record boundary instead, with everything before it on disk.
+    """
+    seen = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield seen.is_set
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda signum, frame: seen.set())
+    try:
+        yield seen.is_set
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_shard(
@@ -103,8 +133,11 @@ def run_shard(
         batches = length_grouped(todo, lambda it: lengths[id(it)], batch_size)
         bar = progress(len(wanted), len(wanted) - len(todo), f"shard {shard}")
         tokens, t0 = 0, time.time()
-        with open(path, "a", encoding="utf-8") as out:
+        with stop_on_sigterm() as terminated, open(path, "a", encoding="utf-8") as out:
             for batch in batches:
+                if terminated():
+                    print(f"shard {shard}: SIGTERM, stopping at a record boundary", flush=True)
+                    raise Terminated(128 + signal.SIGTERM)
                 keys = [(it[0]["id"], it[1]) for it in batch]
                 S.append_attempt(stage_dir, shard, {"event": "batch", "n": len(batch)})
                 texts, n_tok = generate(
@@ -128,3 +161,36 @@ def run_shard(
         print(f"shard {shard}: {len(todo)} records, {tokens} tokens in {dt:.1f}s", flush=True)
     n = S.finish_shard(stage_dir, plan, shard)
     return {"shard": shard, "status": "complete", "records": n, "generated": len(todo)}
+
+
+def run_configured_shard(
+    cfg: ShardedFields,
+    stage: str,
+    shard: int,
+    *,
+    load: Callable[[], tuple[Any, Any]],
+    prompt_of: Callable[[dict[str, Any]], str],
+    generate: Callable[[Any, Any, list[str], int], tuple[list[str], int]],
+    to_record: Callable[[dict[str, Any], int, str], dict[str, Any]],
+) -> dict[str, Any]:
+    """:func:`run_shard` for a stage config: its run folder, input, selection, batch and seed."""
+    return run_shard(
+        RunLayout(Path(cfg.run_dir)).stage(stage).dir,
+        shard,
+        input_path=cfg.input,
+        start_index=cfg.start_index,
+        num_samples=cfg.num_samples,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        load=load,
+        prompt_of=prompt_of,
+        generate=generate,
+        to_record=to_record,
+    )
+
+
+def set_threads(cfg: ShardedFields) -> None:
+    """Use the CPUs the task was given, no more (torch defaults to every core of the node)."""
+    import torch
+
+    torch.set_num_threads(max(1, int(cfg.cpus_per_task)))

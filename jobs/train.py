@@ -20,19 +20,15 @@ from typing import Any
 
 import submitit
 
-STAGE = "train"
-MARKER = "COMPLETE"
-
-
-def stage_marker(run_dir: str | Path) -> Path:
-    """``RUN_DIR/train/COMPLETE``: written last, so the pipeline can skip a finished training."""
-    return Path(run_dir) / STAGE / MARKER
+from hpc.config import TrainConfig
+from hpc.layout import RunLayout
 
 
 def finished(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any] | None:
     """The completion record when this run already trained into ``out_dir``, else None."""
     try:
-        data: dict[str, Any] = json.loads(stage_marker(run_dir).read_text(encoding="utf-8"))
+        marker = RunLayout(Path(run_dir)).train_marker
+        data: dict[str, Any] = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if data.get("out_dir") != str(Path(out_dir).resolve()):
@@ -41,7 +37,7 @@ def finished(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any] | None:
 
 
 class Train(submitit.helpers.Checkpointable):
-    """Train the LoRA adapter described by ``cfg`` (a resolved, path-absolute TrainConfig dict).
+    """Train the LoRA adapter described by ``cfg`` (a resolved, path-absolute TrainConfig).
 
     Args:
         requeues: how many times ``checkpoint()`` requeued this callable. It makes the local
@@ -55,14 +51,15 @@ class Train(submitit.helpers.Checkpointable):
         """Requeue the same work; all state is on disk, only the attempt counter moves."""
         return submitit.helpers.DelayedSubmission(Train(self.requeues + 1), *args, **kwargs)
 
-    def __call__(self, cfg: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, cfg: TrainConfig) -> dict[str, Any]:
         from hpc import distributed as D
 
         flag = D.PreemptionFlag().install()  # first: a signal during loading must not kill us
         renv = D.from_submitit(self.requeues)
         D.export(renv)
-        out_dir = Path(cfg["out_dir"])
-        done = finished(cfg["run_dir"], out_dir)
+        assert cfg.out_dir is not None, "the Train stage resolves out_dir"
+        out_dir = Path(cfg.out_dir)
+        done = finished(cfg.run_dir, out_dir)
         if done is not None:
             return {**done, "status": "already complete"}
         print(
@@ -73,15 +70,15 @@ class Train(submitit.helpers.Checkpointable):
         )
         import torch
 
-        torch.set_num_threads(max(1, int(cfg["cpus_per_task"])))
+        torch.set_num_threads(max(1, int(cfg.cpus_per_task)))
         if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") == "cpu":
             # The launcher's default (it cannot see this node's GPUs); DeepSpeed must not run
             # its CPU accelerator next to CUDA tensors. Set before deepspeed is imported.
             os.environ["DS_ACCELERATOR"] = "cuda"
-        from cot.training import barrier, run_training
+        from cot.training import TrainHParams, TrainOutputs, barrier, run_training
 
         out_dir.mkdir(parents=True, exist_ok=True)
-        result = run_training(cfg, out_dir=out_dir, stop_requested=flag)
+        result = run_training(TrainHParams.pick(cfg), out_dir=out_dir, stop_requested=flag)
         if result.preempted:
             print(f"train: preempted at step {result.global_step}; requeueing", flush=True)
             flag.requeue_and_exit(renv.rank, barrier=barrier)
@@ -89,14 +86,16 @@ class Train(submitit.helpers.Checkpointable):
             **result.to_dict(),
             "status": "complete",
             "out_dir": str(out_dir.resolve()),
-            "adapter": str((out_dir / "adapter").resolve()),
+            "adapter": str(TrainOutputs(out_dir.resolve()).adapter),
             "time": time.time(),
             "attempt": renv.attempt,
         }
         if renv.is_main:
             from cot.records import atomic_write_text
 
-            atomic_write_text(stage_marker(cfg["run_dir"]), json.dumps(summary, indent=1))
+            atomic_write_text(
+                RunLayout(Path(cfg.run_dir)).train_marker, json.dumps(summary, indent=1)
+            )
         _shutdown()
         return summary
 
@@ -108,30 +107,3 @@ def _shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the training in this process, under a launcher instead of a scheduler.
-
-    ``accelerate launch --config_file templates/accelerate_zero2.yaml -m jobs.train FLAGS`` or
-    ``torchrun --nproc-per-node 2 -m jobs.train FLAGS``: every process parses the same ``train``
-    flags as ``python -m hpc.launch train`` and joins the launcher's rendezvous.
-    """
-    import sys
-
-    from hpc import config as C
-    from hpc.launch import build_parser, overrides
-    from hpc.train_stage import payload_of, resolve_paths, validate
-
-    ns = build_parser().parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    flags = overrides(ns, C.TrainConfig)
-    cfg = resolve_paths(C.load_config(C.TrainConfig, "train", ns.config, flags))
-    validate(cfg)
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    summary = Train()(payload_of(cfg))
-    print(f"train: {summary['status']}: adapter in {summary.get('adapter')}", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

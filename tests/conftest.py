@@ -14,6 +14,10 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("COT_HPC_POLL_S", "2")
 
+from hpc import logs  # noqa: E402 - after the environment it reads
+
+logs.setup()  # the same plain-line handler the CLI installs
+
 
 @pytest.fixture(scope="session")
 def dataset_dir() -> Path:

@@ -75,3 +75,35 @@ def test_right_padding_would_differ(teacher, dataset_dir: Path) -> None:  # type
     out = model.generate(**enc, max_new_tokens=48, do_sample=False, pad_token_id=tok.pad_token_id)
     right = [tok.decode(r[enc["input_ids"].shape[1] :], skip_special_tokens=True) for r in out]
     assert sum(a != b for a, b in zip(left, right, strict=True)) > 0
+
+
+class _CharTokenizer:
+    """One token per character: ids are code points (enough to drive the stopper)."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+def test_final_answer_stop_stops_a_model_that_keeps_writing() -> None:
+    """Token ids that go on past the answer line: the stopper must say stop right at its end,
+    for that row only, and never before the line is complete."""
+    import torch
+
+    from cot.generation import FinalAnswerStop
+
+    prompt = "Q: 2+2?\nA:"
+    rows = [
+        " two plus two\nFinal Answer: 4\nand then it rambles on and on",
+        " still thinking about it, no marker yet at all......................",
+    ]
+    rows[1] = rows[1][: len(rows[0])].ljust(len(rows[0]), ".")
+    stop = FinalAnswerStop(_CharTokenizer(), prompt_len=len(prompt))
+    end_of_line = rows[0].index("4\n") + 2  # the first step at which the line is complete
+    flags = []
+    for step in range(1, len(rows[0]) + 1):
+        ids = torch.tensor([[ord(c) for c in prompt + r[:step]] for r in rows])
+        flags.append(stop(ids, None).tolist())
+    first_stop = next(i for i, (a, _) in enumerate(flags, 1) if a)
+    assert first_stop == end_of_line
+    assert all(not b for _, b in flags)  # the row without a marker never stops
+    assert all(a for a, _ in flags[first_stop - 1 :])  # once stopped, it stays stopped

@@ -74,3 +74,29 @@ def test_append_durable_one_line_per_record(tmp_path: Path) -> None:
     with open(p, "a", encoding="utf-8") as fh:
         assert append_durable(fh, [{"id": "a"}, {"id": "b", "t": "é"}]) == 2
     assert p.read_text(encoding="utf-8") == '{"id": "a"}\n{"id": "b", "t": "é"}\n'
+
+
+def test_atomic_open_fsyncs_the_file_before_the_rename_and_the_folder_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import stat
+
+    from cot import records
+
+    calls: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        calls.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        calls.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(records.os, "fsync", fsync)
+    monkeypatch.setattr(records.os, "replace", replace)
+    records.atomic_write_text(tmp_path / "x.txt", "hello")
+    assert calls == ["fsync file", "rename", "fsync dir"]
+    assert (tmp_path / "x.txt").read_text() == "hello"

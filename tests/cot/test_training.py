@@ -217,6 +217,24 @@ def test_latest_complete_checkpoint_skips_torn_ones(tmp_path: Path) -> None:
     assert T.torn_after(tmp_path, 10) == [tmp_path / f"checkpoint-{s}" for s in (15, 20, 25, 30)]
 
 
+def test_choose_resume_takes_the_one_before_a_torn_newest_and_removes_it(
+    tmp_path: Path,
+) -> None:
+    c5 = _ckpt(tmp_path, 5)
+    c10 = _ckpt(tmp_path, 10, complete=False)  # the newest: killed before its marker
+    assert T._choose_resume(None, tmp_path) == str(c5)
+    assert c5.is_dir() and not c10.exists()
+    assert T._choose_resume(None, tmp_path / "none") is None
+
+
+def test_answer_mask_at_the_exact_seam() -> None:
+    # The prompt is 10 characters: a token starting at 10 is the first answer token, a token
+    # ending at 10 is the last prompt token, and one that straddles 9..11 stays with the prompt.
+    assert T.answer_mask([(8, 10), (10, 12)], 10) == [False, True]
+    assert T.answer_mask([(7, 9), (9, 11), (11, 12)], 10) == [False, False, True]
+    assert T.answer_mask([(0, 0), (10, 10), (10, 11)], 10) == [False, False, True]
+
+
 def test_marker_lists_files_and_refuses_empty(tmp_path: Path) -> None:
     c = _ckpt(tmp_path, 3)
     data = json.loads((c / T.CHECKPOINT_MARKER).read_text())
@@ -294,7 +312,7 @@ def test_metrics_truncate_and_plot(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- in-process training
 
 
-def _cfg(data: Path, **over: Any) -> dict[str, Any]:
+def _cfg(data: Path, **over: Any) -> T.TrainHParams:
     cfg = {
         "student": str(STUDENT),
         "data": str(data),
@@ -320,7 +338,7 @@ def _cfg(data: Path, **over: Any) -> dict[str, Any]:
         "seed": 3,
     }
     cfg.update(over)
-    return cfg
+    return T.TrainHParams(**cfg)
 
 
 @pytest.mark.slow

@@ -130,3 +130,71 @@ def test_templates_load_cleanly() -> None:
             continue
         for stage, cls in C.STAGES.items():
             C.load_config(cls, stage, path)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("train:\n  lr: .nan\n", "'lr' must be a finite number"),
+        ("train:\n  epochs: .inf\n", "'epochs' must be a finite number"),
+        ("generate:\n  temperature: .nan\n", "'temperature' must be a finite number"),
+        ("generate:\n  top_p: .inf\n", "'top_p' must be a finite number"),
+        ("cluster:\n  mem_gb: .inf\n", "'mem_gb' must be a finite number"),
+    ],
+)
+def test_nan_and_inf_are_refused_with_file_and_line(tmp_path: Path, text: str, needle: str) -> None:
+    p = write(tmp_path, text)
+    cls = C.TrainConfig if text.startswith("train") else C.GenerateConfig
+    with pytest.raises(C.ConfigError) as e:
+        C.load_config(cls, "train" if cls is C.TrainConfig else "generate", p)
+    assert needle in str(e.value) and f"{p}:2" in str(e.value)
+
+
+@pytest.mark.parametrize("field", ["partition", "account", "qos", "run_dir"])
+@pytest.mark.parametrize("bad", ["debug\necho INJECTED #", "a\rb", "a\x00b"])
+def test_values_that_reach_sbatch_refuse_newlines(field: str, bad: str) -> None:
+    with pytest.raises(C.ConfigError, match="must not contain a newline"):
+        C.load_config(C.GenerateConfig, "generate", None, {field: bad})
+
+
+def test_newline_in_partition_exits_2_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    argv = ["generate", "--run-dir", str(run), "--partition", "debug\necho INJECTED #"]
+    assert main(argv) == 2
+    assert "must not contain a newline" in capsys.readouterr().err
+    assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "needle"),
+    [
+        ("generate:\n  shards: 2\n  shards: 4\n", 3, "generate.shards appears twice"),
+        ("generate:\n  shards: 2\ntrain:\n  lr: 1.0e-4\ngenerate:\n  shards: 4\n", 5, "twice"),
+    ],
+)
+def test_duplicate_keys_and_sections_are_refused(
+    tmp_path: Path, text: str, line: int, needle: str
+) -> None:
+    p = write(tmp_path, text)
+    with pytest.raises(C.ConfigError) as e:
+        C.load_config(C.GenerateConfig, "generate", p)
+    assert f"{p}:{line}" in str(e.value) and needle in str(e.value)
+
+
+def test_path_fields_are_declared_once_and_resolved_in_one_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert set(C.path_fields(C.GenerateConfig)) == {
+        "run_dir", "input", "output", "teacher", "prompt_template",
+    }  # fmt: skip
+    cfg = C.resolve_paths(C.GenerateConfig(input="q.jsonl", output=None))
+    assert cfg.input == str(tmp_path / "q.jsonl") and cfg.output is None
+    assert cfg.run_dir == str(tmp_path / "runs" / "default")
+    assert cfg.prompt_template == str(C.REPO_ROOT / "templates" / "prompts" / "teacher.txt")
+    # Shared fields are declared once: evaluate changes only their defaults.
+    ev, gen = C.fields_of(C.EvaluateConfig), C.fields_of(C.GenerateConfig)
+    assert dict(ev["input"].metadata) == dict(gen["input"].metadata)
+    assert ev["max_new_tokens"].default == 256 and gen["max_new_tokens"].default == 512

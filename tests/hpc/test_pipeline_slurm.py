@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
-from tests.slurm_cluster import SlurmCluster
+from tests.slurm_helpers import cancel_run as cancel_all
+from tests.slurm_helpers import cli, wait_for
+from tests.slurm_helpers import counting_env as counting_sbatch
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -39,51 +36,9 @@ SMALL = [
 ]
 
 
-def counting_sbatch(tmp_path: Path) -> tuple[dict[str, str], Path]:
-    """An environment whose sbatch logs each call to the returned file."""
-    bindir = tmp_path / "bin"
-    SlurmCluster.counting_sbatch(bindir)
-    calls = tmp_path / "sbatch_calls"
-    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
-    return {**env, "COT_TEST_SBATCH_LOG": str(calls)}, calls
-
-
-def cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "hpc.launch", *args],
-        cwd=REPO,
-        env=env or dict(os.environ),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 def status(run: Path) -> dict[str, Any]:
     out = cli(["status", str(run), "--json"])
     return json.loads(out.stdout)  # type: ignore[no-any-return]
-
-
-def wait_until(pred: Any, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return
-        time.sleep(3)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def cancel_all(run: Path) -> None:
-    launch = run / "launch.json"
-    if not launch.exists():
-        return
-    ids = set()
-    for st in json.loads(launch.read_text())["stages"].values():
-        for sub in st["submissions"]:
-            ids |= {str(j).split("_")[0] for j in sub.get("shards", {}).values()}
-            ids |= {str(sub[k]) for k in ("merge", "job") if sub.get(k)}
-    if ids:
-        subprocess.run(["scancel", *sorted(ids)], check=False)
 
 
 def test_pipeline_end_to_end_then_rerun_submits_nothing(
@@ -102,7 +57,7 @@ def test_pipeline_end_to_end_then_rerun_submits_nothing(
         submitted = calls.read_text().splitlines()
         assert len(submitted) == 8, submitted
         assert "pipeline submitted" in out.stdout
-        wait_until(lambda: (run / "results" / "report.json").exists(), 600, "the report")
+        wait_for(lambda: (run / "results" / "report.json").exists(), 600, "the report", interval=3)
         report = json.loads((run / "results" / "report.json").read_text())
         assert report["student"]["overall"]["n"] == 24
         assert "base" in report
@@ -150,7 +105,7 @@ def test_failed_stage_cancels_dependents_and_status_names_it(
             st = status(run)["stages"]
             return st.get("report", {}).get("state") in ("CANCELLED", "FAILED")
 
-        wait_until(settled, 400, "the report job to be cancelled")
+        wait_for(settled, 400, "the report job to be cancelled", interval=3)
         st = status(run)["stages"]
         assert st["generate"]["done"] == 2  # the stage before the failure completed
         assert st["train"]["state"] == "FAILED"

@@ -18,7 +18,9 @@ from typing import Any
 
 import submitit
 
-from jobs.sharded import run_shard
+from hpc.config import GenerateConfig
+from hpc.stages import GenerateStage
+from jobs.sharded import run_configured_shard
 
 
 class LightShard(submitit.helpers.Checkpointable):
@@ -26,20 +28,16 @@ class LightShard(submitit.helpers.Checkpointable):
 
     sleep_s: float = 0.0
 
-    def __call__(self, cfg: dict[str, Any], shard: int, stage: str = "generate") -> dict[str, Any]:
+    def __call__(self, cfg: GenerateConfig, shard: int, stage: str = "generate") -> dict[str, Any]:
         def generate(model: Any, tok: Any, prompts: list[str], seed: int) -> tuple[list[str], int]:
             if self.sleep_s:
                 time.sleep(self.sleep_s)
             return [p[::-1] for p in prompts], 0
 
-        return run_shard(
-            Path(cfg["run_dir"]) / stage,
+        return run_configured_shard(
+            cfg,
+            stage,
             shard,
-            input_path=cfg["input"],
-            start_index=cfg["start_index"],
-            num_samples=cfg["num_samples"],
-            batch_size=cfg["batch_size"],
-            seed=cfg["seed"],
             load=lambda: (None, lambda text: {"input_ids": text.split()}),
             prompt_of=lambda rec: rec["question"],
             generate=generate,
@@ -55,23 +53,32 @@ class SlowLightShard(LightShard):
         self.sleep_s = sleep_s
 
 
+class LightStage(GenerateStage):
+    """The generate stage with a light worker and no model folder to check."""
+
+    def check_models(self, produced: set[Path]) -> None:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Launch :class:`SlowLightShard` as the ``generate`` stage; exit codes as ``hpc.launch``."""
     import argparse
 
     from hpc import config as C
+    from hpc import logs
+    from hpc.errors import StageFailed
     from hpc.launch import _add_dataclass_flags, overrides
-    from hpc.stage import StageFailed, launch_sharded
+    from hpc.stages import run_stages
 
     parser = argparse.ArgumentParser(prog="light_worker")
     parser.add_argument("--sleep-s", type=float, default=0.0, help="seconds per batch")
     _add_dataclass_flags(parser, C.GenerateConfig)
     ns = parser.parse_args(argv)
     cfg = C.load_config(C.GenerateConfig, "generate", None, overrides(ns, C.GenerateConfig))
+    logs.setup()
     try:
-        return launch_sharded(
-            "generate", cfg, SlowLightShard(ns.sleep_s), check_models=lambda: None
-        )
+        run_stages([LightStage(cfg, SlowLightShard(ns.sleep_s))], cfg, wait=cfg.wait)
+        return 0
     except StageFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

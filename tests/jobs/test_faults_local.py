@@ -44,7 +44,6 @@ def gen_args(run: Path, inp: Path, *extra: str) -> list[str]:
 def run_shard_inline(run: Path, inp: Path, shard: int = 0) -> dict:  # type: ignore[type-arg]
     """Plan a 1-shard stage, then run its task in this process (so faults can be injected)."""
     from hpc import config as C
-    from hpc.stage import job_payload
     from jobs.generate import GenerateShard
 
     cfg = C.load_config(
@@ -67,7 +66,7 @@ def run_shard_inline(run: Path, inp: Path, shard: int = 0) -> dict:  # type: ign
     S.write_or_check_plan(
         run / "generate", S.make_plan(inp, ids, 1, 1, {"start_index": 0, "num_samples": None})
     )
-    return GenerateShard()(job_payload(cfg), shard)  # type: ignore[no-any-return]
+    return GenerateShard()(C.resolve_paths(cfg), shard)  # type: ignore[no-any-return]
 
 
 def test_disk_full_mid_shard_leaves_no_marker_and_resumes(

@@ -9,11 +9,10 @@ from typing import Any
 import pytest
 
 from hpc import config as C
-from hpc import executor as E
-from hpc import runs
 from hpc import shards as S
-from hpc.stage import submit_sharded, wait_stage
-from tests.jobs.light_worker import LightShard
+from hpc.backends import slurm as E
+from hpc.stages import run_stages
+from tests.jobs.light_worker import LightShard, LightStage
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -24,7 +23,7 @@ def test_200_shards_with_max_array_size_50(slurm_cluster: Any, tmp_path: Path) -
     inp.write_text(
         "".join(json.dumps({"question": f"question number {i}"}) + "\n" for i in range(n))
     )
-    run = runs.make_run_dir(tmp_path / "run")
+    run = tmp_path / "run"
     cfg = C.load_config(
         C.GenerateConfig,
         "generate",
@@ -42,10 +41,12 @@ def test_200_shards_with_max_array_size_50(slurm_cluster: Any, tmp_path: Path) -
     with slurm_cluster.max_array_size_set(50):
         E.max_array_size.cache_clear()
         try:
-            with runs.run_lock(run):
-                sub = submit_sharded("generate", cfg, LightShard(), check_models=lambda: None)
-            assert len(sub.array_ids) == 4  # ceil(200 / 50) arrays, not 200 jobs
-            summary = wait_stage(sub)
+            out = run_stages([LightStage(cfg, LightShard())], cfg, wait=True)
+            (sub,) = json.loads((run / "launch.json").read_text())["stages"]["generate"][
+                "submissions"
+            ]
+            assert len(sub["arrays"]) == 4  # ceil(200 / 50) arrays, not 200 jobs
+            summary = out.results["generate"]
         finally:
             E.max_array_size.cache_clear()
     assert summary["total"] == n

@@ -25,6 +25,8 @@ from typing import Any
 
 import pytest
 
+from tests.slurm_helpers import wait_for
+
 REPO = Path(__file__).resolve().parents[2]
 STUDENT = REPO / "models" / "tiny" / "student"
 STEPS = 40
@@ -129,14 +131,6 @@ def _job_id(run_dir: Path, timeout: float = 120.0) -> str:
     pytest.fail(f"no job recorded in {run_dir / 'launch.json'}")
 
 
-def _wait_for(cond: Any, what: str, timeout: float = 180.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def _steps_logged(run_dir: Path) -> int:
     path = run_dir / "train" / "metrics.jsonl"
     if not path.exists():
@@ -190,18 +184,23 @@ def test_bad_records_fail_before_anything_is_submitted(
 
 
 def test_job_shape_paths_and_failure_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpc.backends import Resources, failure_line
     from hpc.config import ConfigError, TrainConfig
-    from hpc.stage import failure_line
-    from hpc.train_stage import job_shape, resolve_paths
+    from hpc.stages.train import job_shape, resolve
 
-    assert job_shape(TrainConfig()) == (1, 0)  # CPU: one process per node
-    assert job_shape(TrainConfig(gpus_per_node=4)) == (4, 4)  # one process per GPU
-    assert job_shape(TrainConfig(gpus_per_task=2)) == (2, 2)
-    assert job_shape(TrainConfig(tasks_per_node=3)) == (3, 0)
+    def shape(cfg: TrainConfig) -> tuple[int, int]:
+        res = job_shape(cfg)
+        assert isinstance(res, Resources) and res.nodes == cfg.nodes
+        return res.tasks_per_node, res.gpus_per_node
+
+    assert shape(TrainConfig()) == (1, 0)  # CPU: one process per node
+    assert shape(TrainConfig(gpus_per_node=4)) == (4, 4)  # one process per GPU
+    assert shape(TrainConfig(gpus_per_task=2)) == (2, 2)
+    assert shape(TrainConfig(tasks_per_node=3, nodes=2)) == (3, 0)
     with pytest.raises(ConfigError, match="one process per GPU"):
         job_shape(TrainConfig(gpus_per_node=2, tasks_per_node=4))
     monkeypatch.chdir(tmp_path)  # the template default is found from any folder
-    cfg = resolve_paths(TrainConfig(run_dir="r"))
+    cfg = resolve(TrainConfig(run_dir="r"))
     assert cfg.out_dir == str(tmp_path / "r" / "train")
     assert cfg.data == str(tmp_path / "r" / "generate" / "merged.jsonl")
     assert cfg.deepspeed == str(REPO / "templates" / "ds_zero2.json")
@@ -297,7 +296,7 @@ def test_preempted_run_requeues_itself_and_matches_reference(
     run_dir = inputs["root"] / "preempted"
     proc = _start(_argv(inputs, run_dir))
     job = _job_id(run_dir)
-    _wait_for(lambda: _steps_logged(run_dir) >= SAVE + 2, f"step {SAVE + 2}")
+    wait_for(lambda: _steps_logged(run_dir) >= SAVE + 2, 180.0, f"step {SAVE + 2}")
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     _finish(proc, job)
     log = _log(run_dir, job)
@@ -334,13 +333,13 @@ def test_preempted_repeatedly_at_random_points_matches_reference(
             return ""
 
     first = rng.randint(SAVE + 1, SAVE + 6)
-    _wait_for(lambda: _steps_logged(run_dir) >= first, f"step {first}")
+    wait_for(lambda: _steps_logged(run_dir) >= first, 180.0, f"step {first}")
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    _wait_for(lambda: "resuming from" in log(), "the first resume")
+    wait_for(lambda: "resuming from" in log(), 180.0, "the first resume")
     resumed = _resumed_from(log())
     assert resumed is not None
     second = resumed + rng.randint(2, 4)
-    _wait_for(lambda: _steps_logged(run_dir) >= second, f"step {second} after the resume")
+    wait_for(lambda: _steps_logged(run_dir) >= second, 180.0, f"step {second} after the resume")
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     _finish(proc, job)
     text = log()
@@ -384,7 +383,7 @@ def test_bare_scontrol_requeue_resumes_from_latest_complete_checkpoint(
     run_dir = inputs["root"] / "bare"
     proc = _start(_argv(inputs, run_dir, "--max-steps", "160", "--save-steps", "10"))
     job = _job_id(run_dir)
-    _wait_for(lambda: _steps_logged(run_dir) >= 12, "step 12")
+    wait_for(lambda: _steps_logged(run_dir) >= 12, 180.0, "step 12")
     subprocess.run(["scontrol", "requeue", job], check=True)
     _finish(proc, job)
     log = _log(run_dir, job)

@@ -1,4 +1,4 @@
-"""Unit tests of hpc/executor.py's pure logic (no Slurm needed: fake commands on PATH)."""
+"""Unit tests of hpc/backends: pure logic and the sbatch scripts (fake commands on PATH)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from hpc import executor as E
+from hpc.backends import choose_backend, failure_line, failure_text, job_env
+from hpc.backends import slurm as E
+from hpc.layout import RunLayout
 
 
 def _fake_bin(folder: Path, name: str, body: str) -> Path:
@@ -69,7 +71,7 @@ def test_chunks(n: int, size: int, expected: list[tuple[int, int]]) -> None:
     ],
 )
 def test_expand_array_ids(job_id: str, expected: list[str]) -> None:
-    assert E._expand(job_id) == expected
+    assert E.expand(job_id) == expected
 
 
 def test_job_ids_distinct_array_roots() -> None:
@@ -78,7 +80,7 @@ def test_job_ids_distinct_array_roots() -> None:
             self.job_id = job_id
 
     jobs = [J("10_0"), J("10_1"), J("11_0"), J("12"), J("10_2")]
-    assert E.job_ids(jobs) == ["10", "11", "12"]
+    assert E.root_ids([j.job_id for j in jobs]) == ["10", "11", "12"]
 
 
 def test_job_states_one_sacct_call_parses_arrays(only_path: Path, tmp_path: Path) -> None:
@@ -119,7 +121,7 @@ def test_choose_cluster_auto_without_scontrol_is_local(
     only_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert not (only_path / "scontrol").exists()
-    assert E.choose_cluster("auto") == "local"
+    assert choose_backend("auto", RunLayout(only_path)).kind == "local"
     assert "cluster: local (no SLURM controller answers)" in capsys.readouterr().err
 
 
@@ -128,17 +130,17 @@ def test_choose_cluster_auto_with_dead_controller_is_local(only_path: Path) -> N
     for name in ("srun", "sbatch", "sinfo"):
         _fake_bin(only_path, name, "exit 0")
     _fake_bin(only_path, "scontrol", "echo 'Slurmctld(primary) at h is DOWN'; exit 1")
-    assert E.choose_cluster("auto", announce=False) == "local"
+    assert choose_backend("auto", RunLayout(only_path), announce=False).kind == "local"
 
 
 def test_choose_cluster_auto_with_live_controller_is_slurm(only_path: Path) -> None:
     _fake_bin(only_path, "scontrol", "echo 'Slurmctld(primary) at h is UP'")
-    assert E.choose_cluster("auto", announce=False) == "slurm"
+    assert choose_backend("auto", RunLayout(only_path), announce=False).kind == "slurm"
 
 
 @pytest.mark.parametrize("kind", ["slurm", "local"])
 def test_choose_cluster_explicit(only_path: Path, kind: str) -> None:
-    assert E.choose_cluster(kind, announce=False) == kind
+    assert choose_backend(kind, RunLayout(only_path), announce=False).kind == kind
 
 
 # --------------------------------------------------------------------------- MaxArraySize
@@ -157,12 +159,69 @@ def test_max_array_size_default_without_scontrol(only_path: Path) -> None:
     assert E.max_array_size() == E.DEFAULT_MAX_ARRAY_SIZE == 1001
 
 
-def test_job_env_setup_threads_and_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_job_env_threads_and_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     from hpc.config import GenerateConfig
 
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    env = E.job_env_setup(GenerateConfig(cpus_per_task=3))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # jobs stay offline whatever the shell says
+    env = job_env(GenerateConfig(cpus_per_task=3))
     assert env["OMP_NUM_THREADS"] == "3"
     assert env["HF_HUB_OFFLINE"] == "1"
     assert env["PYTHONUNBUFFERED"] == "1"
-    assert os.environ.get("HF_HUB_OFFLINE") is None  # reading it changed nothing
+    assert os.environ.get("HF_HUB_OFFLINE") == "0"  # reading it changed nothing
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def _bad_shard() -> None:
+    raise ValueError("q.jsonl:3: field 'question': missing")
+
+
+def test_local_failure_names_the_exception_not_the_log_paths(tmp_path: Path) -> None:
+    from hpc.backends import Call
+    from hpc.backends.local import LocalBackend
+    from hpc.config import ClusterFields
+
+    backend = LocalBackend(RunLayout(tmp_path))
+    handle = backend.submit(
+        [Call(_bad_shard, (), "shard 00001")], cfg=ClusterFields(time_min=1), name="x"
+    )
+    handle.wait()
+    (failed,) = handle.failures()
+    assert failed.label == "shard 00001"
+    assert failed.why == "ValueError: q.jsonl:3: field 'question': missing"
+    assert failed.log.exists() and failed.log.name.endswith("_0_log.err")
+    text = failure_text("generate", [failed])
+    assert "shard 00001: ValueError: q.jsonl:3: field 'question': missing" in text
+    assert f"log: {failed.log}" in text
+    assert handle.state() == "FAILED"
+
+
+def test_failure_line_of_plain_text() -> None:
+    assert failure_line("plain error") == "plain error"
+    assert failure_line("") == "failed"
+
+
+def test_local_backend_leaves_the_launcher_environment_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hpc.backends import Call
+    from hpc.backends.local import LocalBackend
+    from hpc.config import ClusterFields
+
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    before = dict(os.environ)
+    backend = LocalBackend(RunLayout(tmp_path))
+    handle = backend.submit(
+        [Call(_env_of_job, (), "probe")], cfg=ClusterFields(time_min=1, cpus_per_task=3), name="x"
+    )
+    (env,) = handle.results()
+    assert dict(os.environ) == before
+    assert env["HF_HUB_OFFLINE"] == "1" and env["OMP_NUM_THREADS"] == "3"
+    assert env["PYTHONUNBUFFERED"] == "1"
+
+
+def _env_of_job() -> dict[str, str]:
+    names = ("HF_HUB_OFFLINE", "OMP_NUM_THREADS", "PYTHONUNBUFFERED")
+    return {k: os.environ.get(k, "") for k in names}

@@ -1,0 +1,58 @@
+"""Stages: one class per stage of a run (validate, plan, submit, is_complete, outputs).
+
+A single command runs a list of one stage (two for ``evaluate``: scores, then the report);
+``pipeline`` runs the list of all of them; ``status`` asks the same classes for their rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from hpc.config import EvaluateConfig
+from hpc.stages.base import Stage
+from hpc.stages.merge import MergeStage
+from hpc.stages.report import ReportStage, report_text
+from hpc.stages.runner import Outcome, run_stages
+from hpc.stages.sharded import EvaluateStage, GenerateStage, ShardedStage, describe
+from hpc.stages.train import TrainStage
+
+__all__ = [
+    "STATUS",
+    "EvaluateStage",
+    "GenerateStage",
+    "MergeStage",
+    "Outcome",
+    "ReportStage",
+    "ShardedStage",
+    "Stage",
+    "TrainStage",
+    "describe",
+    "evaluation_stages",
+    "report_text",
+    "run_stages",
+]
+
+# The class that reads each stage folder's status row, by stage name.
+STATUS: dict[str, Any] = {
+    "generate": ShardedStage,
+    "evaluate": ShardedStage,
+    "evaluate_base": ShardedStage,
+    "train": TrainStage,
+    "report": ReportStage,
+}
+
+
+def evaluation_stages(cfg: EvaluateConfig, *, after: tuple[str, ...] = ()) -> list[Stage]:
+    """The student's scores, the base student's when ``compare_base``, then the report.
+
+    Args:
+        after: what the student's scores wait for (``("train",)`` in a pipeline). Without it,
+            as in the ``evaluate`` command, the report is always rewritten.
+    """
+    stages: list[Stage] = [EvaluateStage(cfg, after=after)]
+    if cfg.compare_base:
+        base = dataclasses.replace(cfg, lora_model=None, output=None)
+        stages.append(EvaluateStage(base, name="evaluate_base", after=()))
+    stages.append(ReportStage(cfg, always=not after))
+    return stages

@@ -1,0 +1,77 @@
+"""The ``report`` stage: score the merged predictions into ``RUN_DIR/results``.
+
+A short step: a dependent job on a cluster, in the launcher where the backend allows it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hpc import runs
+from hpc.backends import Backend, Call, DoneHandle, Handle
+from hpc.config import EvaluateConfig
+from hpc.layout import RunLayout
+from hpc.stages.base import Stage
+
+log = logging.getLogger(__name__)
+
+
+class ReportStage(Stage):
+    """Write report.md, report.json and the accuracy plot from the evaluate merges.
+
+    Args:
+        always: write it even when it exists and nothing upstream changed (``evaluate``).
+    """
+
+    name = "report"
+    after = ("evaluate", "evaluate_base")
+
+    def __init__(self, cfg: EvaluateConfig, *, always: bool = False):
+        super().__init__(RunLayout(Path(cfg.run_dir)))
+        self.cfg, self.always = cfg, always
+
+    def outputs(self) -> list[Path]:
+        return [self.layout.report_md, self.layout.report_json]
+
+    def is_complete(self) -> bool:
+        return self.layout.report_json.exists()
+
+    def submit(self, backend: Backend, after: Sequence[Handle]) -> Handle:
+        from jobs.report import Report
+
+        upstream = any(h.dependency or getattr(h, "fresh", False) for h in after)
+        if not self.always and not upstream and self.is_complete():
+            log.info("report: already written")
+            return DoneHandle([json.loads(self.layout.report_json.read_text())], ["report"])
+        call = Call(Report(), (str(self.layout.root), self.cfg.compare_base), "report")
+
+        def recorded(_: list[int], ids: list[str]) -> None:
+            runs.Submission(self.layout.root, self.name, backend.kind, job=ids[0])
+
+        handle = backend.submit(
+            [call], cfg=self.cfg, name=self.job_name, after=after, inline=True, on_submit=recorded
+        )
+        if handle.job_ids:
+            deps = [d for h in after for d in h.dependency]
+            log.info(f"report: job {handle.job_ids[0]} (after {', '.join(deps) or 'nothing'})")
+        return handle
+
+    @classmethod
+    def done_marker(cls, layout: RunLayout) -> Path | None:
+        return layout.report_json
+
+
+def report_text(report: dict[str, Any], *, full: bool = False) -> str:
+    """Where the report is, then its headline (or, with ``full``, the whole markdown)."""
+    head = f"report: {report['report_md']}"
+    if full:
+        return head + "\n" + Path(report["report_md"]).read_text()
+    o = report["student"]["overall"]
+    return (
+        f"{head}\naccuracy {o['accuracy']:.1%}  format compliance "
+        f"{o['format_compliance']:.1%}  n={o['n']}"
+    )

@@ -1,0 +1,328 @@
+"""Sharded stages (``generate``, ``evaluate``, ``evaluate_base``): plan, array, merge, wait.
+
+1. Validate the input fully (file:line errors) and the model folder, before submitting anything.
+2. Write the plan once, or refuse a relaunch with another input or shard count.
+3. Submit only the shards with no marker and no live job, as one array per ``MaxArraySize``,
+   recording each array in ``launch.json`` as soon as it is submitted.
+4. Merge after the shards: a dependent job, or in the launcher where the backend allows it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cot.records import read_questions
+from hpc import config as C
+from hpc import runs
+from hpc import shards as S
+from hpc.backends import (
+    FAILED_STATES,
+    Backend,
+    Call,
+    DependencyFailed,
+    DoneHandle,
+    Failure,
+    Handle,
+    failure_text,
+)
+from hpc.errors import ConfigError, StageFailed
+from hpc.layout import RunLayout, StageLayout, shard_name
+from hpc.stages.base import Stage
+
+log = logging.getLogger(__name__)
+
+
+def describe(counts: dict[str, Any]) -> str:
+    """Human summary of a merge, with kept/total per category."""
+    lines = [f"merged {counts['kept']} of {counts['total']} records -> {counts['merged']}"]
+    if counts["keep"] != "all":
+        for cat, (kept, total) in sorted(counts["per_category"].items()):
+            lines.append(f"  {cat:<16} kept {kept:>6} of {total:>6}")
+    for o in counts["outputs"]:
+        lines.append(f"  copied to {o}")
+    return "\n".join(lines)
+
+
+class ShardedStage(Stage):
+    """A model run over an input file as an array of shards, then a verified merge.
+
+    Args:
+        cfg: the stage's config (paths already absolute).
+        worker: the submitit callable of one shard, called as ``worker(cfg, shard, name)``.
+        name: the stage folder (``evaluate_base`` for the base student's scores).
+        keep: ``all`` or ``correct`` (generate's filter).
+        samples: traces per question.
+    """
+
+    def __init__(
+        self,
+        cfg: C.ShardedFields,
+        worker: Any,
+        *,
+        name: str,
+        keep: str = "all",
+        samples: int = 1,
+    ):
+        super().__init__(RunLayout(Path(cfg.run_dir)))
+        self.name, self.cfg, self.worker = name, cfg, worker
+        self.keep, self.samples = keep, samples
+        self.dir: StageLayout = self.layout.stage(name)
+        self._ids: list[str] = []
+        self._plan: S.Plan | None = None
+
+    # ------------------------------------------------------------------ before submission
+    def check_models(self, produced: set[Path]) -> None:
+        """Check the model folders this stage loads (overridden per stage)."""
+
+    def validate(self, produced: set[Path]) -> None:
+        cfg = self.cfg
+        records = read_questions(
+            cfg.input, start_index=cfg.start_index, num_samples=cfg.num_samples
+        )
+        self.check_models(produced)
+        if self.keep == "correct" and not any("answer" in r for r in records):
+            raise ConfigError(f"{cfg.input}: --keep correct needs an `answer` field in the input")
+        self._ids = [r["id"] for r in records]
+
+    def plan(self) -> None:
+        cfg = self.cfg
+        selection = {"start_index": cfg.start_index, "num_samples": cfg.num_samples}
+        plan = S.make_plan(cfg.input, self._ids, cfg.shards, self.samples, selection)
+        self._plan = S.write_or_check_plan(self.dir.dir, plan)
+        C.save_resolved(self.layout.root, self.name, cfg)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def planned(self) -> S.Plan:
+        """The plan (from :meth:`plan`, or read back from the run folder)."""
+        if self._plan is None:
+            self._plan = S.load_plan(self.dir.dir)
+        return self._plan
+
+    def outputs(self) -> list[Path]:
+        return [self.dir.merged] + ([Path(self.cfg.output)] if self.cfg.output else [])
+
+    def is_complete(self) -> bool:
+        if not self.dir.plan.exists() or not self.dir.merge_summary.exists():
+            return False
+        return not S.incomplete(self.dir.dir, self.planned)
+
+    def _merge_call(self) -> Call:
+        from jobs.merge import Merge
+
+        outputs = [self.cfg.output] if self.cfg.output else []
+        return Call(Merge(), (str(self.layout.root), self.name, outputs, self.keep), "merge")
+
+    # ------------------------------------------------------------------ submission
+    def submit(self, backend: Backend, after: Sequence[Handle]) -> Handle:
+        plan, name = self.planned, self.name
+        todo = S.incomplete(self.dir.dir, plan)
+        log.info(f"{name}: {plan.shards} shards, {len(todo)} to run, run folder {self.layout.root}")
+        merge = self._merge_call()
+        if not todo:
+            if not self.dir.merge_summary.exists() or self.cfg.output:
+                summary = merge.fn(*merge.args)
+                log.info(describe(summary))
+                return DoneHandle([summary], ["merge"], fresh=True)
+            log.info(f"{name}: already complete and merged")
+            return DoneHandle([json.loads(self.dir.merge_summary.read_text())], ["merge"])
+        known = runs.latest_jobs(self.layout.root, name)["shards"]
+        alive = backend.live([known[i] for i in todo if i in known])
+        live = {i: known[i] for i in todo if known.get(i) in alive}
+        if live:
+            log.info(
+                f"{name}: {len(live)} shard(s) already queued or running, not resubmitted: "
+                + ", ".join(f"{shard_name(i)} (job {j})" for i, j in sorted(live.items()))
+            )
+        submit = [i for i in todo if i not in live]
+        record = runs.Submission(self.layout.root, name, backend.kind)
+
+        def recorded(indices: list[int], ids: list[str]) -> None:
+            record.update(shards={submit[k]: j for k, j in zip(indices, ids, strict=True)})
+
+        deps: list[Handle] = []
+        if submit:
+            calls = [
+                Call(self.worker, (self.cfg, i, name), f"shard {shard_name(i)}") for i in submit
+            ]
+            deps.append(
+                backend.submit(
+                    calls, cfg=self.cfg, name=self.job_name, after=after, on_submit=recorded
+                )
+            )
+            record.update(arrays=deps[0].arrays)
+        if live:
+            ids = sorted(set(live.values()))
+            deps.append(backend.attach(ids, [f"job {j}" for j in ids]))
+        try:
+            handle = backend.submit(
+                [merge],
+                cfg=self.cfg,
+                name=self.job_name,
+                after=deps,
+                inline=True,
+                on_submit=lambda _, ids: record.update(merge=ids[0]),
+            )
+        except DependencyFailed as e:
+            raise StageFailed(failure_text(name, e.failures)) from None
+        if handle.dependency:
+            arrays = ", ".join(deps[0].arrays if submit else []) or "none"
+            log.info(
+                f"{name}: submitted {len(submit)} shard(s) as array job(s) {arrays}; "
+                f"merge job {handle.job_ids[0]} (after the shards)"
+            )
+            log.info(f"  status: python -m hpc.launch status {self.layout.root}")
+        else:
+            log.info(describe(handle.results()[0]))
+        return handle
+
+    # ------------------------------------------------------------------ waiting
+    def wait(self, backend: Backend, handle: Handle) -> Any:
+        """Block until the merge ends, printing shard progress; raise if a shard failed."""
+        if not handle.dependency:
+            return handle.results()[0]
+        merge_id = handle.job_ids[0]
+        last = -1
+        while True:
+            done = len(S.completed(self.dir.dir))
+            if done != last:
+                log.info(f"{self.name}: {done}/{self.planned.shards} shards complete")
+                last = done
+            info = runs.latest_jobs(self.layout.root, self.name)
+            states = backend.states([*info["shards"].values(), merge_id]) or {}
+            merge_state = states.get(merge_id, "UNKNOWN")
+            if merge_state == "COMPLETED":
+                summary: dict[str, Any] = handle.results()[0]
+                log.info(describe(summary))
+                return summary
+            missing = S.incomplete(self.dir.dir, self.planned)
+            dead = [
+                Failure(
+                    f"shard {shard_name(i)}",
+                    jid,
+                    states[jid],
+                    self.layout.job_log(jid),
+                    f"job {jid} {states[jid]}",
+                )
+                for i in missing
+                if (jid := info["shards"].get(i, "")) and states.get(jid, "") in FAILED_STATES
+            ]
+            if not dead and merge_state in FAILED_STATES:
+                log_path = self.layout.job_log(merge_id)
+                dead = [Failure("merge", merge_id, merge_state, log_path, f"merge {merge_state}")]
+            if dead:
+                raise StageFailed(failure_text(self.name, dead))
+            time.sleep(backend.poll_s)
+
+    # ------------------------------------------------------------------ status
+    @classmethod
+    def status(
+        cls, layout: RunLayout, name: str, info: dict[str, Any], states: dict[str, str]
+    ) -> dict[str, Any]:
+        """The ``status`` row of a sharded stage: markers, counters and job states."""
+        stage = layout.stage(name)
+        plan = S.load_plan(stage.dir)
+        done = S.completed(stage.dir)
+        counts = {"done": 0, "running": 0, "pending": 0, "failed": 0}
+        failed = []
+        written = requeues = 0
+        for i in range(plan.shards):
+            written += _count_lines(stage.shard(i))
+            requeues += max(0, _starts(stage.attempts(i)) - 1)
+            if i in done:
+                counts["done"] += 1
+                continue
+            jid = info["shards"].get(i, "")
+            state = states.get(jid, "")
+            if state == "RUNNING":
+                counts["running"] += 1
+            elif state in FAILED_STATES:
+                counts["failed"] += 1
+                failed.append(
+                    {"shard": i, "job": jid, "state": state, "log": str(layout.job_log(jid))}
+                )
+            else:
+                counts["pending"] += 1
+        merge_state = states.get(info["merge"], "UNKNOWN") if info.get("merge") else None
+        merged = stage.merge_summary
+        if merged.exists():
+            merge_state = "COMPLETED"
+        return {
+            "kind": info["kind"],
+            "jobs": sorted(set(info["shards"].values())),
+            "shards": plan.shards,
+            **counts,
+            "records": written,
+            "total": plan.num_records * plan.samples,
+            "requeues": requeues,
+            "failed_shards": failed,
+            "merge_job": info.get("merge"),
+            "merge": merge_state,
+            "merge_summary": json.loads(merged.read_text()) if merged.exists() else None,
+        }
+
+
+def _count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path, "rb") as fh:
+        return sum(1 for line in fh if line.endswith(b"\n"))
+
+
+def _starts(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path, encoding="utf-8") as fh:
+        return sum(1 for line in fh if '"start"' in line)
+
+
+class GenerateStage(ShardedStage):
+    """``generate``: the teacher writes traces for every question."""
+
+    def __init__(self, cfg: C.GenerateConfig, worker: Any = None):
+        from jobs.generate import GenerateShard
+
+        super().__init__(
+            cfg,
+            worker or GenerateShard(),
+            name="generate",
+            keep=cfg.keep,
+            samples=cfg.samples_per_question,
+        )
+        self.gen = cfg
+
+    def check_models(self, produced: set[Path]) -> None:
+        from cot.models import check_model_dir, check_remote_code
+        from cot.prompts import load_template
+
+        check_remote_code(check_model_dir(self.gen.teacher), self.gen.trust_remote_code)
+        load_template(self.gen.prompt_template)
+
+
+class EvaluateStage(ShardedStage):
+    """``evaluate`` (the student with its adapter) or ``evaluate_base`` (without)."""
+
+    def __init__(
+        self,
+        cfg: C.EvaluateConfig,
+        *,
+        name: str = "evaluate",
+        after: tuple[str, ...] = ("train",),
+        worker: Any = None,
+    ):
+        from jobs.evaluate import EvaluateShard
+
+        super().__init__(cfg, worker or EvaluateShard(), name=name)
+        self.ev, self.after = cfg, after
+
+    def check_models(self, produced: set[Path]) -> None:
+        from cot.models import check_adapter_dir, check_model_dir, check_remote_code
+
+        check_remote_code(check_model_dir(self.ev.base_model), self.ev.trust_remote_code)
+        if self.ev.lora_model and Path(self.ev.lora_model) not in produced:
+            check_adapter_dir(self.ev.lora_model)
