@@ -559,8 +559,8 @@ def make_callbacks(
                 ckpt = checkpoint_root / f"{CHECKPOINT_PREFIX}{state.global_step}"
                 write_checkpoint_marker(ckpt, state.global_step, world_size=world_size)
                 for gone in rotate_checkpoints(checkpoint_root, keep):
-                    print(f"removed old checkpoint {gone.name}", flush=True)
-                print(f"checkpoint {ckpt.name} complete", flush=True)
+                    log.info(f"removed old checkpoint {gone.name}")
+                log.info(f"checkpoint {ckpt.name} complete")
             barrier()
             return control
 
@@ -876,7 +876,7 @@ def _choose_resume(explicit: str | None, root: Path) -> str | None:
             choice = str(latest) if latest else None
         step = checkpoint_step(Path(choice)) if choice else 0
         for torn in torn_after(root, step or 0):
-            print(f"removing torn checkpoint {torn.name} (no complete marker)", flush=True)
+            log.info(f"removing torn checkpoint {torn.name} (no complete marker)")
             shutil.rmtree(torn, ignore_errors=True)
     if dist is not None:
         box = [choice]
@@ -904,7 +904,7 @@ def run_training(
     cuda = bool(torch.cuda.is_available())
     quantized, optim, note = resolve_precision(cfg.quant, cfg.optim, cuda)
     if note and rank == 0:
-        print(note, flush=True)
+        log.info(note)
     tokenizer = load_tokenizer(
         cfg.student, trust_remote_code=cfg.trust_remote_code, padding_side="right"
     )
@@ -912,7 +912,7 @@ def run_training(
         tokenizer, read_training_records(cfg.data), cfg.max_length, cfg.overlong
     )
     if rank == 0:
-        print(stats.describe(cfg.max_length), flush=True)
+        log.info(stats.describe(cfg.max_length))
     if not examples:
         raise InputError(f"{cfg.data}: no record fits --max-length {cfg.max_length}")
     outputs = TrainOutputs(out_dir)
@@ -928,7 +928,7 @@ def run_training(
     resume = _choose_resume(cfg.resume_from_checkpoint, ckpt_root)
     if rank == 0:
         what = f"resuming from {resume}" if resume else "starting from scratch"
-        print(f"{what} (setup {time.time() - t0:.1f}s)", flush=True)
+        log.info(f"{what} (setup {time.time() - t0:.1f}s)")
     model = load_model(
         cfg.student,
         quant="nf4" if quantized else "none",

@@ -240,7 +240,7 @@ class PreemptionFlag:
         # Only a flag: saving here would race the rank's own collectives.
         self.requested = True
         self.signum = signum
-        print(f"signal {signal.Signals(signum).name}: checkpoint at the next step", flush=True)
+        log.info(f"signal {signal.Signals(signum).name}: checkpoint at the next step")
 
     def __call__(self) -> bool:
         """True once the signal has arrived on this rank."""
@@ -261,7 +261,7 @@ class PreemptionFlag:
             if rank == 0 and callable(previous) and self._sig is not None:
                 previous(self._sig, None)  # raises SystemExit (requeued) or UncompletedJobError
             elif rank == 0:
-                print("preempted: checkpoint saved; not a submitit job, nothing to requeue")
+                log.info("preempted: checkpoint saved; not a submitit job, nothing to requeue")
         finally:
             if barrier is not None:
                 barrier()

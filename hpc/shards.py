@@ -197,7 +197,11 @@ def finish_shard(stage_dir: Path, plan: Plan, shard: int) -> int:
     by_key: dict[Key, str] = {}
     if path.exists():
         with open(path, encoding="utf-8") as fh:
-            for line in fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.endswith("\n"):
+                    # A whole JSON object without its newline: the merge would glue the next
+                    # shard's first record onto it. Never mark such a shard complete.
+                    raise PlanError(f"{path}:{lineno}: last line has no newline (torn write)")
                 by_key.setdefault(record_key(json.loads(line)), line)
     missing = [k for k in wanted if k not in by_key]
     if missing:
@@ -209,7 +213,11 @@ def finish_shard(stage_dir: Path, plan: Plan, shard: int) -> int:
             out.write(by_key[k])
     marker = marker_path(stage_dir, shard)
     marker.parent.mkdir(parents=True, exist_ok=True)
-    with open(marker, "w") as fh:
+    try:  # O_EXCL: of two writers of one shard, only one may ever mark it complete
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        raise PlanError(f"{marker}: shard {shard} is already marked complete") from None
+    with os.fdopen(fd, "w") as fh:
         fh.write(json.dumps({"records": len(wanted)}))
         fh.flush()
         os.fsync(fh.fileno())

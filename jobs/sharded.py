@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import signal
 import socket
@@ -20,9 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from cot.records import append_durable, read_questions
+from hpc import logs
 from hpc import shards as S
 from hpc.config import ShardedFields
 from hpc.layout import RunLayout
+
+log = logging.getLogger(__name__)
 
 Item = tuple[dict[str, Any], int]  # (input record, sample index)
 
@@ -120,9 +124,8 @@ def run_shard(
     wanted = plan.keys(shard)
     by_id = {r["id"]: r for r in records}
     todo: list[Item] = [(by_id[rid], s) for rid, s in wanted if (rid, s) not in done]
-    print(
-        f"shard {shard}: {len(wanted)} records, {len(done)} already on disk, {len(todo)} to go",
-        flush=True,
+    log.info(
+        f"shard {shard}: {len(wanted)} records, {len(done)} already on disk, {len(todo)} to go"
     )
     if todo:
         model, tokenizer = load()
@@ -136,7 +139,7 @@ def run_shard(
         with stop_on_sigterm() as terminated, open(path, "a", encoding="utf-8") as out:
             for batch in batches:
                 if terminated():
-                    print(f"shard {shard}: SIGTERM, stopping at a record boundary", flush=True)
+                    log.info(f"shard {shard}: SIGTERM, stopping at a record boundary")
                     raise Terminated(128 + signal.SIGTERM)
                 keys = [(it[0]["id"], it[1]) for it in batch]
                 S.append_attempt(stage_dir, shard, {"event": "batch", "n": len(batch)})
@@ -158,7 +161,7 @@ def run_shard(
                 bar.update(len(batch))
         bar.close()
         dt = time.time() - t0
-        print(f"shard {shard}: {len(todo)} records, {tokens} tokens in {dt:.1f}s", flush=True)
+        log.info(f"shard {shard}: {len(todo)} records, {tokens} tokens in {dt:.1f}s")
     n = S.finish_shard(stage_dir, plan, shard)
     return {"shard": shard, "status": "complete", "records": n, "generated": len(todo)}
 
@@ -174,6 +177,7 @@ def run_configured_shard(
     to_record: Callable[[dict[str, Any], int, str], dict[str, Any]],
 ) -> dict[str, Any]:
     """:func:`run_shard` for a stage config: its run folder, input, selection, batch and seed."""
+    logs.setup()  # a job is a fresh process: the same plain-line log as the CLI
     return run_shard(
         RunLayout(Path(cfg.run_dir)).stage(stage).dir,
         shard,

@@ -12,6 +12,7 @@ callable, which resumes from the newest *complete* checkpoint on disk. A bare
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -22,6 +23,8 @@ import submitit
 
 from hpc.config import TrainConfig
 from hpc.layout import RunLayout
+
+log = logging.getLogger(__name__)
 
 
 def finished(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any] | None:
@@ -53,6 +56,9 @@ class Train(submitit.helpers.Checkpointable):
 
     def __call__(self, cfg: TrainConfig) -> dict[str, Any]:
         from hpc import distributed as D
+        from hpc import logs
+
+        logs.setup()  # a job is a fresh process: the same plain-line log as the CLI
 
         flag = D.PreemptionFlag().install()  # first: a signal during loading must not kill us
         renv = D.from_submitit(self.requeues)
@@ -62,11 +68,10 @@ class Train(submitit.helpers.Checkpointable):
         done = finished(cfg.run_dir, out_dir)
         if done is not None:
             return {**done, "status": "already complete"}
-        print(
+        log.info(
             f"train: rank {renv.rank}/{renv.world_size} (local {renv.local_rank}) on "
             f"{socket.gethostname()} node {renv.node_rank}/{renv.num_nodes}, rendezvous "
-            f"{renv.master_addr}:{renv.master_port}, attempt {renv.attempt}",
-            flush=True,
+            f"{renv.master_addr}:{renv.master_port}, attempt {renv.attempt}"
         )
         import torch
 
@@ -80,7 +85,7 @@ class Train(submitit.helpers.Checkpointable):
         out_dir.mkdir(parents=True, exist_ok=True)
         result = run_training(TrainHParams.pick(cfg), out_dir=out_dir, stop_requested=flag)
         if result.preempted:
-            print(f"train: preempted at step {result.global_step}; requeueing", flush=True)
+            log.info(f"train: preempted at step {result.global_step}; requeueing")
             flag.requeue_and_exit(renv.rank, barrier=barrier)
         summary = {
             **result.to_dict(),

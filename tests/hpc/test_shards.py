@@ -164,6 +164,29 @@ def test_finish_refuses_incomplete_shard_and_writes_no_marker(tmp_path: Path) ->
         S.finish_shard(stage_dir, plan, 2)  # no shard file at all
 
 
+def test_finish_refuses_a_whole_last_line_without_newline(tmp_path: Path) -> None:
+    stage_dir, plan = _stage(tmp_path, 4, 2)
+    path = S.shard_path(stage_dir, 1)
+    path.parent.mkdir(parents=True)
+    text = "".join(_line(_rec(rid, s)) for rid, s in plan.keys(1)).rstrip("\n")
+    path.write_text(text)  # every record there, the last one valid JSON, but no final newline
+    with pytest.raises(S.PlanError, match=rf"{path}:2: last line has no newline"):
+        S.finish_shard(stage_dir, plan, 1)
+    assert not S.marker_path(stage_dir, 1).exists() and path.read_text() == text
+
+
+def test_a_second_finish_of_a_marked_shard_is_refused(tmp_path: Path) -> None:
+    stage_dir, plan = _stage(tmp_path, 4, 2)
+    path = S.shard_path(stage_dir, 0)
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(_line(_rec(rid, s)) for rid, s in plan.keys(0)))
+    assert S.finish_shard(stage_dir, plan, 0) == 2
+    marker = S.marker_path(stage_dir, 0).read_bytes()
+    with pytest.raises(S.PlanError, match="already marked complete"):
+        S.finish_shard(stage_dir, plan, 0)  # a second writer of the same shard
+    assert S.marker_path(stage_dir, 0).read_bytes() == marker
+
+
 def test_finish_reorders_drops_duplicates_then_marks(tmp_path: Path) -> None:
     stage_dir, plan = _stage(tmp_path, 8, 2, samples=2)
     keys = plan.keys(1)
