@@ -47,6 +47,10 @@ class ReportStage(Stage):
         if not self.always and not upstream and self.is_complete():
             log.info("report: already written")
             return DoneHandle([json.loads(self.layout.report_json.read_text())], ["report"])
+        jid = runs.latest_jobs(self.layout.root, self.name).get("job")
+        if jid and jid in backend.live([jid]):
+            log.info(f"report: job {jid} is already queued or running; not resubmitted")
+            return backend.attach([jid], ["report"])
         call = Call(Report(), (str(self.layout.root), self.cfg.compare_base), "report")
 
         def recorded(_: list[int], ids: list[str]) -> None:
@@ -59,6 +63,13 @@ class ReportStage(Stage):
             deps = [d for h in after for d in h.dependency]
             log.info(f"report: job {handle.job_ids[0]} (after {', '.join(deps) or 'nothing'})")
         return handle
+
+    def wait(self, backend: Backend, handle: Handle) -> Any:
+        handle.wait()
+        if handle.job_ids and not handle.failures() and self.is_complete():  # a job's report, this launch's or earlier
+            report: dict[str, Any] = json.loads(self.layout.report_json.read_text())
+            return {**report, "report_md": str(self.layout.report_md)}
+        return super().wait(backend, handle)
 
     @classmethod
     def done_marker(cls, layout: RunLayout) -> Path | None:

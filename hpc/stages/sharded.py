@@ -124,6 +124,19 @@ class ShardedStage(Stage):
         todo = S.incomplete(self.dir.dir, plan)
         log.info(f"{name}: {plan.shards} shards, {len(todo)} to run, run folder {self.layout.root}")
         merge = self._merge_call()
+        earlier = runs.latest_jobs(self.layout.root, name)
+        known, merge_id = earlier["shards"], earlier["merge"]
+        ids = [known[i] for i in todo if i in known]
+        alive = backend.live([*ids, merge_id] if merge_id else ids)
+        live = {i: known[i] for i in todo if known.get(i) in alive}
+        if merge_id in alive and len(live) == len(todo):
+            # Every missing shard and the merge after them are still queued or running: a
+            # second merge would be a second writer of merged.jsonl.
+            log.info(
+                f"{name}: {len(live)} shard(s) to go and merge job {merge_id} already queued "
+                "or running; nothing resubmitted"
+            )
+            return backend.attach([merge_id], ["merge"])
         if not todo:
             if not self.dir.merge_summary.exists() or self.cfg.output:
                 summary = merge.fn(*merge.args)
@@ -131,9 +144,6 @@ class ShardedStage(Stage):
                 return DoneHandle([summary], ["merge"], fresh=True)
             log.info(f"{name}: already complete and merged")
             return DoneHandle([json.loads(self.dir.merge_summary.read_text())], ["merge"])
-        known = runs.latest_jobs(self.layout.root, name)["shards"]
-        alive = backend.live([known[i] for i in todo if i in known])
-        live = {i: known[i] for i in todo if known.get(i) in alive}
         if live:
             log.info(
                 f"{name}: {len(live)} shard(s) already queued or running, not resubmitted: "
@@ -196,8 +206,10 @@ class ShardedStage(Stage):
             info = runs.latest_jobs(self.layout.root, self.name)
             states = backend.states([*info["shards"].values(), merge_id]) or {}
             merge_state = states.get(merge_id, "UNKNOWN")
-            if merge_state == "COMPLETED":
-                summary: dict[str, Any] = handle.results()[0]
+            if merge_state == "COMPLETED" and self.dir.merge_summary.exists():
+                # The merge writes merge.json last; reading it serves a merge job submitted by
+                # an earlier launch as well as this one's.
+                summary: dict[str, Any] = json.loads(self.dir.merge_summary.read_text())
                 log.info(describe(summary))
                 return summary
             missing = S.incomplete(self.dir.dir, self.planned)

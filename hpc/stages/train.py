@@ -184,6 +184,9 @@ class TrainStage(Stage):
         try:
             result: dict[str, Any] = handle.results()[0]  # rank 0's result carries the summary
         except StageFailed as e:
+            done = self.finished()  # a job of an earlier launch: its marker is the result
+            if done is not None:
+                return done
             raise StageFailed(
                 f"train: job {jid} failed: {e}\n"
                 f"  log: {self.layout.job_log(jid)} (every rank: {jid}_*_log.err)"

@@ -57,6 +57,17 @@ def test_pipeline_end_to_end_then_rerun_submits_nothing(
         submitted = calls.read_text().splitlines()
         assert len(submitted) == 8, submitted
         assert "pipeline submitted" in out.stdout
+        # The same command again while those jobs are queued or running: every stage finds its
+        # live job and submits nothing, so there is one training and one writer per output.
+        again = cli(
+            ["pipeline", "--cluster", "slurm", "--run-dir", str(run), "--time-min", "60", *SMALL],
+            env,
+        )
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert calls.read_text().splitlines() == submitted, again.stdout
+        subs = json.loads((run / "launch.json").read_text())["stages"]
+        assert len(subs["train"]["submissions"]) == 1 and len(subs["report"]["submissions"]) == 1
+        assert all(len(subs[s]["submissions"]) == 1 for s in ("evaluate", "evaluate_base"))
         wait_for(lambda: (run / "results" / "report.json").exists(), 600, "the report", interval=3)
         report = json.loads((run / "results" / "report.json").read_text())
         assert report["student"]["overall"]["n"] == 24
