@@ -66,7 +66,8 @@ class ReportStage(Stage):
 
     def wait(self, backend: Backend, handle: Handle) -> Any:
         handle.wait()
-        if handle.job_ids and not handle.failures() and self.is_complete():  # a job's report, this launch's or earlier
+        # A report job's output, whether this launch or an earlier one submitted the job.
+        if handle.job_ids and not handle.failures() and self.is_complete():
             report: dict[str, Any] = json.loads(self.layout.report_json.read_text())
             return {**report, "report_md": str(self.layout.report_md)}
         return super().wait(backend, handle)
