@@ -108,6 +108,15 @@ class Handle(abc.ABC):
     labels: list[str]
 
     @property
+    def new(self) -> bool:
+        """True when this launch submitted (or ran) the work, False for jobs of an earlier one.
+
+        A job of an earlier launch that waits on an earlier upstream job can never run once
+        that upstream was resubmitted; a stage attaches to it only when nothing before it is new.
+        """
+        return True
+
+    @property
     @abc.abstractmethod
     def job_ids(self) -> list[str]:
         """One id per call (an array task is ``<array>_<index>``)."""
@@ -163,6 +172,10 @@ class DoneHandle(Handle):
         self._results = list(results)
         self.labels = list(labels)
         self.fresh = fresh  # it did new work now (a later step must not be skipped)
+
+    @property
+    def new(self) -> bool:
+        return self.fresh
 
     @property
     def job_ids(self) -> list[str]:

@@ -187,6 +187,10 @@ class SlurmHandle(Handle):
         return root_ids(self._ids) if self._jobs else list(dict.fromkeys(self._ids))
 
     @property
+    def new(self) -> bool:
+        return bool(self._jobs)
+
+    @property
     def arrays(self) -> list[str]:
         return root_ids(self._ids) if self._jobs else []
 

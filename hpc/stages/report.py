@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from hpc import runs
-from hpc.backends import Backend, Call, DoneHandle, Handle
+from hpc.backends import Backend, Call, DoneHandle, Handle, failure_text
 from hpc.config import EvaluateConfig
+from hpc.errors import StageFailed
 from hpc.layout import RunLayout
 from hpc.stages.base import Stage
 
@@ -43,12 +44,12 @@ class ReportStage(Stage):
     def submit(self, backend: Backend, after: Sequence[Handle]) -> Handle:
         from jobs.report import Report
 
-        upstream = any(h.dependency or getattr(h, "fresh", False) for h in after)
+        upstream = any(h.dependency or h.new for h in after)
         if not self.always and not upstream and self.is_complete():
             log.info("report: already written")
             return DoneHandle([json.loads(self.layout.report_json.read_text())], ["report"])
         jid = runs.latest_jobs(self.layout.root, self.name).get("job")
-        if jid and jid in backend.live([jid]):
+        if jid and not any(h.new for h in after) and jid in backend.live([jid]):
             log.info(f"report: job {jid} is already queued or running; not resubmitted")
             return backend.attach([jid], ["report"])
         call = Call(Report(), (str(self.layout.root), self.cfg.compare_base), "report")
@@ -66,8 +67,11 @@ class ReportStage(Stage):
 
     def wait(self, backend: Backend, handle: Handle) -> Any:
         handle.wait()
+        failed = handle.failures()
+        if failed:
+            raise StageFailed(failure_text(self.name, failed))
         # A report job's output, whether this launch or an earlier one submitted the job.
-        if handle.job_ids and not handle.failures() and self.is_complete():
+        if handle.job_ids and self.is_complete():
             report: dict[str, Any] = json.loads(self.layout.report_json.read_text())
             return {**report, "report_md": str(self.layout.report_md)}
         return super().wait(backend, handle)

@@ -129,7 +129,7 @@ class ShardedStage(Stage):
         ids = [known[i] for i in todo if i in known]
         alive = backend.live([*ids, merge_id] if merge_id else ids)
         live = {i: known[i] for i in todo if known.get(i) in alive}
-        if merge_id in alive and len(live) == len(todo):
+        if merge_id in alive and len(live) == len(todo) and not any(h.new for h in after):
             # Every missing shard and the merge after them are still queued or running: a
             # second merge would be a second writer of merged.jsonl.
             log.info(

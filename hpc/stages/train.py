@@ -122,7 +122,7 @@ class TrainStage(Stage):
             )
             return DoneHandle([{**done, "status": "already complete"}], ["train"])
         jid = runs.latest_jobs(self.layout.root, self.name).get("job")
-        if jid and jid in backend.live([jid]):
+        if jid and not any(h.new for h in after) and jid in backend.live([jid]):
             log.info(
                 f"train: job {jid} is already queued or running for {self.layout.root}; "
                 "not resubmitted"
