@@ -112,9 +112,33 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 raise RecordError(
                     path, lineno, f"invalid JSON: {e.msg} (column {e.colno})"
                 ) from None
+            except RecursionError:
+                raise RecordError(path, lineno, "invalid JSON: nested too deeply") from None
+            except ValueError as e:  # e.g. an integer of more than 4300 digits
+                raise RecordError(path, lineno, f"invalid JSON: {e}"[:200]) from None
             if not isinstance(obj, dict):
                 raise RecordError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+            for key, value in obj.items():
+                _check_encodable(path, lineno, str(key), value)
             yield lineno, obj
+
+
+def _check_encodable(path: str | Path, lineno: int, field: str, value: Any) -> None:
+    """Refuse a lone surrogate (``"\\ud800"`` is valid JSON, but no UTF-8 file can hold it)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                bad = v[e.start].encode("unicode_escape").decode()
+                what = f"contains a lone surrogate ({bad})"
+                raise RecordError(path, lineno, what, field) from None
+        elif isinstance(v, dict):
+            stack += [*v.keys(), *v.values()]
+        elif isinstance(v, list):
+            stack += v
 
 
 def read_questions(

@@ -100,3 +100,23 @@ def test_atomic_open_fsyncs_the_file_before_the_rename_and_the_folder_after(
     records.atomic_write_text(tmp_path / "x.txt", "hello")
     assert calls == ["fsync file", "rename", "fsync dir"]
     assert (tmp_path / "x.txt").read_text() == "hello"
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"id": "\\ud800", "question": "q"}', "field 'id': contains a lone surrogate (\\ud800"),
+        ('{"question": "why \\udfff"}', ":1: field 'question': contains a lone surrogate"),
+        ('{"question": "q", "meta": {"x": ["\\ud834"]}}', ":1: field 'meta': contains a lone"),
+        ('{"question": "q", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", ":1: invalid JSON"),
+        ('{"id": ' + "7" * 5000 + ', "question": "q"}', ":1: invalid JSON"),
+    ],
+)
+def test_input_that_would_crash_a_job_fails_at_read_with_file_and_line(
+    tmp_path: Path, line: str, message: str
+) -> None:
+    p = tmp_path / "q.jsonl"
+    p.write_text(line + "\n", encoding="utf-8")
+    with pytest.raises(RecordError) as e:
+        read_questions(p)
+    assert str(e.value).startswith(f"{p}:1: ") and message in str(e.value), str(e.value)
