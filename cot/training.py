@@ -289,7 +289,7 @@ def write_checkpoint_marker(ckpt: str | Path, step: int, **info: Any) -> Path:
     ckpt = Path(ckpt)
     files = _manifest(ckpt)
     if not files:
-        raise InputError(f"{ckpt}: refusing to mark an empty checkpoint complete")
+        raise ValueError(f"{ckpt}: refusing to mark an empty checkpoint complete")
     for rel in files:
         fd = os.open(ckpt / rel, os.O_RDONLY)
         try:

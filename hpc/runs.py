@@ -15,7 +15,7 @@ from cot.records import atomic_write_text
 from hpc.errors import RunLockedError
 from hpc.layout import RunLayout
 
-__all__ = ["RunLockedError", "latest_jobs", "make_run_dir", "read_launch", "record_launch"]
+__all__ = ["RunLockedError", "Submission", "latest_jobs", "make_run_dir", "read_launch"]
 
 
 def make_run_dir(path: str | Path) -> Path:
@@ -54,14 +54,6 @@ def read_launch(run_dir: Path) -> dict[str, Any]:
         return {}
     data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     return data
-
-
-def record_launch(run_dir: Path, stage: str, entry: dict[str, Any]) -> None:
-    """Append one submission of ``stage`` to ``launch.json`` (atomically)."""
-    data = read_launch(run_dir)
-    st = data.setdefault("stages", {}).setdefault(stage, {"submissions": []})
-    st["submissions"].append({"time": time.time(), **entry})
-    atomic_write_text(RunLayout(run_dir).launch, json.dumps(data, indent=1))
 
 
 def latest_jobs(run_dir: Path, stage: str) -> dict[str, Any]:

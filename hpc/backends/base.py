@@ -158,10 +158,6 @@ class Handle(abc.ABC):
             return s
         return "COMPLETED" if values == {"COMPLETED"} else sorted(values)[0]
 
-    def describe(self) -> str:
-        """A few words for messages: the job ids."""
-        return "job(s) " + (", ".join(self.dependency) or "none")
-
 
 class DoneHandle(Handle):
     """A submission that ran in this process (or had nothing to run): already complete."""
@@ -196,9 +192,6 @@ class DoneHandle(Handle):
 
     def failures(self) -> list[Failure]:
         return []
-
-    def describe(self) -> str:
-        return "done in the launcher"
 
 
 def failure_line(text: str) -> str:

@@ -94,8 +94,8 @@ class LocalHandle(Handle):
     def results(self) -> list[Any]:
         self.wait()
         failed = self.failures()
-        if failed:
-            raise StageFailed(failure_text("job", failed))
+        if failed:  # the exception line, as SlurmHandle.results gives it
+            raise StageFailed(failed[0].why)
         out = []
         for i in sorted(self._jobs):
             res = self._jobs[i].results()

@@ -194,9 +194,9 @@ class SlurmHandle(Handle):
     def arrays(self) -> list[str]:
         return root_ids(self._ids) if self._jobs else []
 
-    def refresh(self, states: dict[str, str] | None = None) -> dict[str, str]:
-        """Poll sacct once (or take ``states`` from a caller that polled for many handles)."""
-        got = job_states(self._ids) if states is None else states
+    def refresh(self) -> dict[str, str]:
+        """Poll sacct once for every job of this handle."""
+        got = job_states(self._ids)
         self._states = {i: (got or {}).get(i, "UNKNOWN") for i in self._ids}
         return self._states
 

@@ -113,10 +113,9 @@ class ShardedStage(Stage):
         return not S.incomplete(self.dir.dir, self.planned)
 
     def _merge_call(self) -> Call:
-        from jobs.merge import Merge
+        from hpc.stages.merge import MergeStage
 
-        outputs = [self.cfg.output] if self.cfg.output else []
-        return Call(Merge(), (str(self.layout.root), self.name, outputs, self.keep), "merge")
+        return MergeStage(self.layout.root, self.name, self.cfg.output, self.keep).call()
 
     # ------------------------------------------------------------------ submission
     def submit(self, backend: Backend, after: Sequence[Handle]) -> Handle:
@@ -124,6 +123,9 @@ class ShardedStage(Stage):
         todo = S.incomplete(self.dir.dir, plan)
         log.info(f"{name}: {plan.shards} shards, {len(todo)} to run, run folder {self.layout.root}")
         merge = self._merge_call()
+        if not todo and self.dir.merge_summary.exists() and not self.cfg.output:
+            log.info(f"{name}: already complete and merged")
+            return DoneHandle([json.loads(self.dir.merge_summary.read_text())], ["merge"])
         earlier = runs.latest_jobs(self.layout.root, name)
         known, merge_id = earlier["shards"], earlier["merge"]
         ids = [known[i] for i in todo if i in known]
@@ -137,13 +139,10 @@ class ShardedStage(Stage):
                 "or running; nothing resubmitted"
             )
             return backend.attach([merge_id], ["merge"])
-        if not todo:
-            if not self.dir.merge_summary.exists() or self.cfg.output:
-                summary = merge.fn(*merge.args)
-                log.info(describe(summary))
-                return DoneHandle([summary], ["merge"], fresh=True)
-            log.info(f"{name}: already complete and merged")
-            return DoneHandle([json.loads(self.dir.merge_summary.read_text())], ["merge"])
+        if not todo:  # every shard is done; the merge has not run, or must copy again
+            summary = merge.fn(*merge.args)
+            log.info(describe(summary))
+            return DoneHandle([summary], ["merge"], fresh=True)
         if live:
             log.info(
                 f"{name}: {len(live)} shard(s) already queued or running, not resubmitted: "

@@ -47,11 +47,7 @@ def _run_folder(tmp_path: Path, kind: str = "slurm") -> Path:
         for _ in range(starts):
             S.append_attempt(stage_dir, shard, {"event": "start"})
             S.append_attempt(stage_dir, shard, {"event": "batch", "n": 1})
-    runs.record_launch(
-        run_dir,
-        "generate",
-        {"kind": kind, "shards": {0: "50_0", 1: "50_1", 2: "50_2"}, "merge": "51"},
-    )
+    runs.Submission(run_dir, "generate", kind, shards={0: "50_0", 1: "50_1", 2: "50_2"}, merge="51")
     return run_dir
 
 
