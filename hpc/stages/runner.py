@@ -64,7 +64,11 @@ def run_stages(
         produced |= set(st.outputs())
     layout = RunLayout(runs.make_run_dir(cluster.run_dir))
     backend = backend or choose_backend(cluster.cluster, layout)
-    backend.check(cluster)
+    checked: list[ClusterFields] = []
+    for cfg in [cluster, *(getattr(st, "cfg", cluster) for st in stages)]:
+        if cfg not in checked:  # each stage's own limits: a pipeline file may give each its own
+            backend.check(cfg)
+            checked.append(cfg)
     out = Outcome(backend)
     with runs.run_lock(layout.root):
         for st in stages:

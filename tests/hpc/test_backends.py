@@ -225,3 +225,40 @@ def test_local_backend_leaves_the_launcher_environment_alone(
 def _env_of_job() -> dict[str, str]:
     names = ("HF_HUB_OFFLINE", "OMP_NUM_THREADS", "PYTHONUNBUFFERED")
     return {k: os.environ.get(k, "") for k in names}
+
+
+def test_every_stage_limit_is_checked_once(tmp_path: Path) -> None:
+    """A pipeline gives each stage its own --time-min: the runner checks each stage's limits
+    with the backend, and identical ones once."""
+    from hpc.backends.local import LocalBackend
+    from hpc.config import ClusterFields
+    from hpc.stages import runner
+
+    seen: list[int] = []
+
+    class Probe(LocalBackend):
+        def check(self, cfg: ClusterFields) -> None:
+            seen.append(cfg.time_min)
+
+    class Quiet:
+        name, after = "x", ()
+
+        def __init__(self, time_min: int) -> None:
+            self.cfg = ClusterFields(run_dir=str(tmp_path / "run"), time_min=time_min)
+
+        def validate(self, produced: set[Path]) -> None: ...
+        def outputs(self) -> list[Path]:
+            return []
+
+        def plan(self) -> None: ...
+        def submit(self, backend: object, after: object) -> object:
+            from hpc.backends import DoneHandle
+
+            return DoneHandle()
+
+        def wait(self, backend: object, handle: object) -> None: ...
+
+    stages = [Quiet(5), Quiet(60), Quiet(5)]
+    backend = Probe(RunLayout(tmp_path / "run"))
+    runner.run_stages(stages, stages[0].cfg, wait=False, backend=backend)  # type: ignore[arg-type]
+    assert seen == [5, 60]
