@@ -35,15 +35,19 @@ def length_grouped(
 class FinalAnswerStop:
     """A transformers StoppingCriteria: per sequence, True once its answer line is complete.
 
-    It decodes only the tail of each unfinished sequence (the last ``window`` new tokens), so the
-    check costs O(batch) per step, not O(length).
+    Each step costs O(batch), not O(length): it decodes only the last ``window`` new tokens of a
+    sequence to look for the marker, and once the marker is seen, it decodes from the marker on,
+    only at steps whose last token holds a newline (the one moment a line can complete).
+    ``window`` must cover the marker's tokens; 24 does for any byte-level tokenizer, since
+    ``final answer`` is 12 ASCII bytes.
     """
 
     def __init__(self, tokenizer: Any, prompt_len: int, window: int = 24):
         self.tokenizer = tokenizer
         self.prompt_len = prompt_len
         self.window = window
-        self.seen_marker: list[bool] | None = None
+        # Per sequence: the new-token index the marker's window began at, once seen.
+        self.marker_at: list[int | None] = []
         self.done: Any = None
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
@@ -52,26 +56,42 @@ class FinalAnswerStop:
         batch = input_ids.shape[0]
         if self.done is None:
             self.done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-            self.seen_marker = [False] * batch
-        assert self.seen_marker is not None
+            self.marker_at = [None] * batch
         new = input_ids[:, self.prompt_len :]
+        n = new.shape[1]
+        decode = self.tokenizer.decode
         for i in range(batch):
             if self.done[i]:
                 continue
-            tail_ids = new[i, -self.window :].tolist()
-            tail = self.tokenizer.decode(tail_ids, skip_special_tokens=True).lower()
-            if not self.seen_marker[i]:
-                full = self.tokenizer.decode(new[i].tolist(), skip_special_tokens=True)
-                if "final answer" in full.lower():
-                    self.seen_marker[i] = True
-                    tail = full
-                else:
+            at = self.marker_at[i]
+            if at is None:
+                lo = max(0, n - self.window)
+                if (
+                    "final answer"
+                    not in decode(new[i, lo:].tolist(), skip_special_tokens=True).lower()
+                ):
                     continue
-            if "\n" in tail:
-                full = self.tokenizer.decode(new[i].tolist(), skip_special_tokens=True)
-                if _FINAL_LINE.search(full):
-                    self.done[i] = True
+                at = self.marker_at[i] = lo
+            elif "\n" not in decode(new[i, -1:].tolist(), skip_special_tokens=True):
+                continue
+            if _FINAL_LINE.search(decode(new[i, at:].tolist(), skip_special_tokens=True)):
+                self.done[i] = True
         return self.done.clone()
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every token that ends a completion: the tokenizer's eos and the generation config's.
+
+    Chat models end a turn with their own token (``<|im_end|>`` for Qwen) that the generation
+    config lists next to eos; passing the tokenizer's eos alone would write past it.
+    """
+    ids: list[int] = []
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for t in (tokenizer.eos_token_id, config_eos):
+        for i in t if isinstance(t, (list, tuple)) else [t]:
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    return ids
 
 
 def generate_batch(
@@ -84,24 +104,34 @@ def generate_batch(
     top_p: float = 1.0,
     seed: int | None = None,
     stop_at_answer: bool = True,
-) -> tuple[list[str], int]:
+    add_special_tokens: bool = True,
+) -> tuple[list[str], list[int]]:
     """Generate one completion per prompt with left padding.
 
+    ``add_special_tokens=False`` for prompts that already carry their special tokens (a chat
+    template's output); raw prompts get the tokenizer's (a BOS where the model has one).
+
     Returns:
-        (completions, generated token count). Completions are cut after the final-answer line.
+        (completions, generated tokens per completion). Completions are cut after the
+        final-answer line.
     """
     import torch
     from transformers import StoppingCriteriaList
 
     device = next(model.parameters()).device
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(
-        device
-    )
+    enc = tokenizer(
+        list(prompts),
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",
+        add_special_tokens=add_special_tokens,
+    ).to(device)
     prompt_len = enc["input_ids"].shape[1]
+    stops = stop_token_ids(model, tokenizer)
     kwargs: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
+        "eos_token_id": stops,
     }
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
@@ -114,17 +144,13 @@ def generate_batch(
     with torch.inference_mode():
         out = model.generate(**enc, **kwargs)
     new = out[:, prompt_len:]
-    texts = []
-    n_tokens = 0
+    ends = {*stops, tokenizer.pad_token_id}
+    texts, counts = [], []
     for row in new:
         ids = row.tolist()
-        # Count real tokens: up to and including the first eos/pad after generation started.
-        n = len(ids)
-        for j, t in enumerate(ids):
-            if t in (tokenizer.eos_token_id, tokenizer.pad_token_id):
-                n = j
-                break
-        n_tokens += n
+        # Real tokens: up to the first stop or pad token after generation started.
+        n = next((j for j, t in enumerate(ids) if t in ends), len(ids))
+        counts.append(n)
         text = tokenizer.decode(ids[:n], skip_special_tokens=True)
         texts.append(cut_after_final_answer(text) if stop_at_answer else text)
-    return texts, n_tokens
+    return texts, counts

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-# The chat-free prompt format the tiny models are trained on; real models use the same template.
+# The tiny tokenizer's special tokens: Qwen's eos and its ChatML turn markers.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -110,12 +110,34 @@ def load_tokenizer(
     tok = AutoTokenizer.from_pretrained(
         str(p), local_files_only=True, trust_remote_code=trust_remote_code
     )
-    if tok.pad_token is None:
-        if tok.eos_token is None:
-            raise ModelError(f"tokenizer in {p} has neither a pad nor an eos token")
-        tok.pad_token = tok.eos_token
+    ensure_pad_token(tok, p)
     tok.padding_side = padding_side
     return tok
+
+
+def ensure_pad_token(tok: Any, where: str | Path) -> None:
+    """Give a tokenizer without a pad token one: its eos, else its ``eod_id`` (first-generation
+    Qwen's remote-code tokenizer has no eos token, only ``eod_id`` for ``<|endoftext|>``).
+
+    Raises:
+        ModelError: neither exists, or the tokenizer refuses the id; the message says what to set.
+    """
+    if tok.pad_token_id is not None:
+        return
+    if tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+        return
+    eod = getattr(tok, "eod_id", None)
+    if isinstance(eod, int):
+        with contextlib.suppress(AttributeError, ValueError, TypeError):
+            tok.pad_token_id = eod
+        if tok.pad_token_id == eod:
+            log.info("tokenizer in %s has no pad or eos token: padding with eod_id %d", where, eod)
+            return
+    raise ModelError(
+        f"tokenizer in {where} has no pad token, no eos token and no usable eod_id: set "
+        '"pad_token" (for example "<|endoftext|>") in its tokenizer_config.json'
+    )
 
 
 def load_model(
@@ -177,6 +199,25 @@ TINY_TEACHER: dict[str, Any] = {
 TINY_STUDENT: dict[str, Any] = {"hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 2}
 
 
+# The ChatML format Qwen's chat models use, so the chat path runs on the tiny models too.
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def teacher_training_texts(tok: Any, template: str, question: str, cot: str) -> list[str]:
+    """The tiny teacher's two training texts for one solution: the seed's raw prompt continued
+    after ``A:`` by a space, and the same prompt as a ChatML user turn answered by the assistant.
+    """
+    from cot.engines import chat_text
+    from cot.prompts import render
+
+    text = render(template, question)
+    chat = chat_text(tok, [{"role": "user", "content": text}])
+    return [f"{text} {cot}", f"{chat}{cot}<|im_end|>\n"]
+
+
 def train_tokenizer(texts: list[str], vocab_size: int = 600) -> Any:
     """A byte-level BPE trained with Qwen2's own normalizer and pre-tokenizer.
 
@@ -215,6 +256,7 @@ def train_tokenizer(texts: list[str], vocab_size: int = 600) -> Any:
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
     )
     hf.model_max_length = 2048
+    hf.chat_template = CHATML_TEMPLATE
     return hf
 
 
@@ -275,8 +317,9 @@ def build_tiny_models(
 ) -> dict[str, Any]:
     """Build ``teacher/`` and ``student/`` under ``out_dir`` from the training questions.
 
-    The teacher is trained on prompt + reference solution, so it writes step-by-step text that
-    ends in a ``Final Answer:`` line. The student is pre-trained on questions and solution steps
+    The teacher is trained on prompt + reference solution, both as the seed's raw prompt and as
+    a ChatML chat turn, so it writes step-by-step text that ends in a ``Final Answer:`` line in
+    either format. The student is pre-trained on questions and solution steps
     with the answer line removed: a small "base model" that knows the language of the domain
     but not the solution format (no prompt format, no ``Final Answer:``), which LoRA must teach.
     Each model folder is written to a temp folder and renamed into place, so a crash leaves no
@@ -291,13 +334,18 @@ def build_tiny_models(
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from cot.prompts import prompt
+    from cot.prompts import render
 
-    teacher_texts = [
-        prompt(prompt_template, r["question"]) + r["reference_cot"] for r in train_records
+    raw_texts = [
+        render(prompt_template, r["question"]) + " " + r["reference_cot"] for r in train_records
     ]
     question_texts = [r["question"] for r in train_records]
-    tok = train_tokenizer(teacher_texts + question_texts)
+    tok = train_tokenizer(raw_texts + question_texts)
+    teacher_texts = [
+        t
+        for r in train_records
+        for t in teacher_training_texts(tok, prompt_template, r["question"], r["reference_cot"])
+    ]
     # The student's "pre-training" corpus: questions and worked steps, never an answer line or
     # a prompt format, so it knows the language of the domain but not the solution format.
     student_texts = [
@@ -325,7 +373,11 @@ def build_tiny_models(
         model = Qwen2ForCausalLM(config)
         losses = _lm_train(model, tok, texts, steps, seed, lr) if steps else []
         model.generation_config.pad_token_id = tok.pad_token_id
-        model.generation_config.eos_token_id = tok.eos_token_id
+        # A chat turn ends at <|im_end|>, a raw completion at eos: either stops generation.
+        model.generation_config.eos_token_id = [
+            tok.eos_token_id,
+            tok.convert_tokens_to_ids("<|im_end|>"),
+        ]
         tmp = out / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         with _quiet_progress():  # a one-shard model needs no "Writing model shards" bar

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from cot.errors import InputError
 
@@ -45,3 +46,37 @@ def prompt(template: str, question: str) -> str:
 def student_prompt(question: str) -> str:
     """The seed's student format up to the answer: ``### Question:`` ... ``### Answer:``."""
     return prompt(load_template(STUDENT_TEMPLATE), question)
+
+
+PROMPT_FORMATS = ("auto", "raw", "chat")
+
+
+def resolve_format(fmt: str, tokenizer: Any | None) -> str:
+    """``raw`` or ``chat`` for ``--prompt-format``: ``auto`` is chat when the tokenizer has a
+    chat template (and when there is no local tokenizer to ask, as with a remote server)."""
+    if fmt not in PROMPT_FORMATS:
+        raise InputError(f"prompt format must be one of {list(PROMPT_FORMATS)}, got {fmt!r}")
+    if fmt != "auto":
+        if (
+            fmt == "chat"
+            and tokenizer is not None
+            and not getattr(tokenizer, "chat_template", None)
+        ):
+            name = getattr(tokenizer, "name_or_path", "the tokenizer")
+            raise InputError(
+                f"--prompt-format chat: {name} has no chat template (use --prompt-format raw)"
+            )
+        return fmt
+    if tokenizer is None:
+        return "chat"
+    return "chat" if getattr(tokenizer, "chat_template", None) else "raw"
+
+
+def as_prompt(text: str, fmt: str) -> str | list[dict[str, str]]:
+    """The filled-in template as sent: raw text, or the one user message of a chat."""
+    return [{"role": "user", "content": text}] if fmt == "chat" else text
+
+
+def teacher_prompt(template: str, question: str, fmt: str) -> str | list[dict[str, str]]:
+    """The teacher's prompt, verbatim: the template filled in, as raw text or the user message."""
+    return as_prompt(render(template, question), fmt)

@@ -52,12 +52,18 @@ MEGABATCH_BATCHES = 32
 def read_training_records(path: str | Path) -> list[dict[str, Any]]:
     """Read and validate a training file: every record needs non-empty string ``question``/``cot``.
 
+    Records with an ``error`` (a trace the engine could not produce) are skipped and counted.
+
     Raises:
         RecordError: ``FILE:LINE: field 'x': ...`` for bad JSON, a missing or non-string field,
             or an empty file.
     """
     records: list[dict[str, Any]] = []
+    skipped = 0
     for lineno, obj in iter_jsonl(path):
+        if obj.get("error") is not None:
+            skipped += 1  # the engine could not produce this trace (the merge counted it)
+            continue
         for name in ("question", "cot"):
             if name not in obj:
                 raise RecordError(path, lineno, "missing", field=name)
@@ -68,8 +74,11 @@ def read_training_records(path: str | Path) -> list[dict[str, Any]]:
             if not value.strip():
                 raise RecordError(path, lineno, "must not be empty", field=name)
         records.append({"question": obj["question"], "cot": obj["cot"], "line": lineno})
+    if skipped:
+        log.warning(f"{path}: skipped {skipped} error records (no trace was generated for them)")
     if not records:
-        raise RecordError(path, None, "file is empty: no records")
+        what = f"all {skipped} records are error records" if skipped else "file is empty"
+        raise RecordError(path, None, f"{what}: no records to train on")
     return records
 
 

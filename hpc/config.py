@@ -113,8 +113,42 @@ class ModelFields:
     trust_remote_code: bool = opt(False, "allow model code shipped in the model folder")
 
 
+SERVER_PRESETS = ("vllm", "sglang", "transformers")
+
+
 @dataclass
-class ShardedFields(ClusterFields, ModelFields):
+class EngineFields:
+    """How a sharded stage produces completions: in-process, or through an inference server."""
+
+    engine: str = opt(
+        "hf",
+        "hf: in-process batched generate; server: an OpenAI-compatible server",
+        choices=("hf", "server"),
+    )
+    server: str = opt(
+        "transformers",
+        "with --engine server: the preset each task starts (unless --server-command/--server-url)",
+        choices=SERVER_PRESETS,
+    )
+    server_command: str | None = opt(
+        None, "with --engine server: a command template with {model} {port} (and {gpus})"
+    )
+    server_url: str | None = opt(
+        None, "with --engine server: use this running server; no server is started"
+    )
+    concurrency: int = opt(32, "with --engine server: requests in flight per task", check=POSITIVE)
+    server_timeout_s: float = opt(
+        900.0,
+        "with --engine server: seconds a started server has to become healthy",
+        check=POSITIVE,
+    )
+    prompt_format: str = opt(
+        "auto", "auto: chat when the tokenizer has a chat template", choices=("auto", "raw", "chat")
+    )
+
+
+@dataclass
+class ShardedFields(ClusterFields, ModelFields, EngineFields):
     """A stage that runs a model over an input file as an array of shards (generate, evaluate)."""
 
     input: str = opt("data/raw_questions.jsonl", "questions (JSONL with `question`)", path=PATH)
@@ -226,6 +260,8 @@ class EvaluateConfig(ShardedFields):
         None, "LoRA adapter folder (none: score the base model)", path=PATH
     )
     input: str = like(ShardedFields, "input", "data/test_questions.jsonl")
+    # The student is trained on the raw ``### Question:`` format, so that is what it is asked in.
+    prompt_format: str = like(EngineFields, "prompt_format", "raw")
     max_new_tokens: int = like(ShardedFields, "max_new_tokens", 256)
     compare_base: bool = opt(False, "also score the base student and show the difference")
 

@@ -6,6 +6,7 @@ No other module builds a run-folder path from strings: the shard protocol, the s
     runs/<name>/
       config.yaml  launch.json  .lock  logs/<job_id>_<task>_log.out|err
       <stage>/plan.json  shards/00003.jsonl  completions/00003  attempts/00003
+      <stage>/servers/00003.log   (--engine server: the inference server each task started)
       <stage>/merged.jsonl  merge.json
       train/COMPLETE  train/checkpoints/  train/adapter/  train/metrics.jsonl
       results/report.md  report.json  accuracy_by_category.png
@@ -65,6 +66,10 @@ class StageLayout:
     def attempts(self, i: int) -> Path:
         """``attempts/00003``: one line per start and per batch."""
         return self.attempts_dir / shard_name(i)
+
+    def server_log(self, i: int) -> Path:
+        """``servers/00003.log``: the output of the inference servers shard 3's tasks started."""
+        return self.dir / "servers" / f"{shard_name(i)}.log"
 
     @property
     def merged(self) -> Path:

@@ -37,7 +37,7 @@ def build_tiny_models(cfg: C.TinyModelsConfig) -> None:
         "student": TINY_STUDENT,
         "data_sha256": sha256_file(train_path),
         "prompt_sha256": sha256_file(TEACHER_TEMPLATE),
-        "builder": 2,
+        "builder": 3,
     }
     stamp = out / "build.json"
     out.mkdir(parents=True, exist_ok=True)

@@ -191,10 +191,12 @@ def finish_shard(stage_dir: Path, plan: Plan, shard: int) -> int:
     """Check the shard holds every key, rewrite it in plan order, then write the marker.
 
     Returns the number of records. Raises PlanError when keys are missing (nothing is marked).
+    The marker holds the record count and how many are error records.
     """
     path = shard_path(stage_dir, shard)
     wanted = plan.keys(shard)
     by_key: dict[Key, str] = {}
+    errors: set[Key] = set()
     if path.exists():
         with open(path, encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, start=1):
@@ -202,7 +204,12 @@ def finish_shard(stage_dir: Path, plan: Plan, shard: int) -> int:
                     # A whole JSON object without its newline: the merge would glue the next
                     # shard's first record onto it. Never mark such a shard complete.
                     raise PlanError(f"{path}:{lineno}: last line has no newline (torn write)")
-                by_key.setdefault(record_key(json.loads(line)), line)
+                rec = json.loads(line)
+                key = record_key(rec)
+                if key not in by_key:
+                    by_key[key] = line
+                    if rec.get("error") is not None:
+                        errors.add(key)
     missing = [k for k in wanted if k not in by_key]
     if missing:
         raise PlanError(
@@ -218,7 +225,8 @@ def finish_shard(stage_dir: Path, plan: Plan, shard: int) -> int:
     except FileExistsError:
         raise PlanError(f"{marker}: shard {shard} is already marked complete") from None
     with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps({"records": len(wanted)}))
+        # Error records (a prompt the engine refused, with its reason) are counted for the merge.
+        fh.write(json.dumps({"records": len(wanted), "errors": len(errors & set(wanted))}))
         fh.flush()
         os.fsync(fh.fileno())
     fsync_dir(marker.parent)
@@ -396,7 +404,8 @@ def write_merged(
             per category). Without it the merge copies verified blocks and never parses JSON.
 
     Returns:
-        counts: total, kept, and kept/total per category (with ``keep``).
+        counts: total, kept, errors (records the engine could not produce, with their reason),
+        and kept/total per category (with ``keep``).
     """
     merged = StageLayout(stage_dir).merged
     total = kept = 0
@@ -417,7 +426,23 @@ def write_merged(
                     cat[0] += 1
     for dest in outputs:
         _copy_atomic(merged, Path(dest))
-    return {"total": total, "kept": kept, "per_category": per_cat}
+    return {
+        "total": total,
+        "kept": kept,
+        "errors": marked_errors(stage_dir, plan),
+        "per_category": per_cat,
+    }
+
+
+def marked_errors(stage_dir: Path, plan: Plan) -> int:
+    """Error records over every complete shard, as their markers count them."""
+    n = 0
+    for shard in range(plan.shards):
+        try:
+            n += int(json.loads(marker_path(stage_dir, shard).read_text()).get("errors", 0))
+        except (OSError, ValueError, AttributeError):
+            continue
+    return n
 
 
 def _copy_atomic(src: Path, dest: Path, chunk: int = 1 << 20) -> None:
@@ -427,7 +452,8 @@ def _copy_atomic(src: Path, dest: Path, chunk: int = 1 << 20) -> None:
 
 
 def append_attempt(stage_dir: Path, shard: int, info: dict[str, Any]) -> int:
-    """Record one start of a shard task; returns how many starts there have been."""
+    """Append one event (a start, a resume, the requests sent) to a shard's attempt log;
+    returns how many lines the log has."""
     path = StageLayout(stage_dir).attempts(shard)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:

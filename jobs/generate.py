@@ -3,71 +3,70 @@
 Preemption or timeout: submitit's USR2 handler calls ``checkpoint()``, which resubmits this same
 callable with the same arguments; the state lives in the shard file, so the rerun resumes from
 disk. A bare ``scontrol requeue`` skips ``checkpoint()`` and lands in the same on-disk resume.
+With ``--engine server`` the task's inference server is stopped in ``checkpoint()``, before the
+requeue, and killed on every other way out.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
-import submitit
-
 from hpc.config import GenerateConfig
-from jobs.sharded import run_configured_shard, set_threads
+from jobs.engine import ServerCheckpointable
+from jobs.sharded import Session, run_configured_shard, set_threads
 
 STAGE = "generate"
 
 
-class GenerateShard(submitit.helpers.Checkpointable):
+def teacher_record(rec: dict[str, Any], sample: int, completion: Any) -> dict[str, Any]:
+    """One generation record; a completion the engine could not produce keeps its reason."""
+    from cot.answers import answers_match, extract_final_answer
+
+    out: dict[str, Any] = {
+        "id": rec["id"],
+        "sample": sample,
+        "category": rec.get("category"),
+        "question": rec["question"],
+    }
+    if completion.error is not None:
+        out.update(cot=None, teacher_answer=None, error=completion.error)
+        if "answer" in rec:
+            out.update(gold=rec["answer"], correct=False)
+        return out
+    text = completion.text.lstrip()
+    pred = extract_final_answer(text)
+    out.update(cot=text, teacher_answer=pred)
+    if "answer" in rec:
+        out["gold"] = rec["answer"]
+        out["correct"] = answers_match(pred, rec["answer"])
+    return out
+
+
+class GenerateShard(ServerCheckpointable):
     """Generate teacher traces for shard ``shard`` of the plan in ``RUN_DIR/generate``."""
 
     def __call__(self, cfg: GenerateConfig, shard: int, stage: str = STAGE) -> dict[str, Any]:
-        from cot.answers import answers_match, extract_final_answer
-        from cot.generation import generate_batch
-        from cot.models import load_model, load_tokenizer
-        from cot.prompts import load_template, prompt
+        from cot.models import load_model
+        from cot.prompts import load_template, resolve_format, teacher_prompt
+        from jobs.engine import open_engine
 
-        set_threads(cfg)
+        if cfg.engine == "hf":
+            set_threads(cfg)
         template = load_template(cfg.prompt_template)
 
-        def load() -> tuple[Any, Any]:
-            tok = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
-            model = load_model(
-                cfg.teacher, quant=cfg.quant, trust_remote_code=cfg.trust_remote_code
-            )
-            return model, tok
+        @contextlib.contextmanager
+        def session() -> Iterator[Session]:
+            def load() -> Any:
+                return load_model(
+                    cfg.teacher, quant=cfg.quant, trust_remote_code=cfg.trust_remote_code
+                )
 
-        def generate(model: Any, tok: Any, prompts: list[str], seed: int) -> tuple[list[str], int]:
-            return generate_batch(
-                model,
-                tok,
-                prompts,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                top_p=cfg.top_p,
-                seed=seed,
-            )
-
-        def to_record(rec: dict[str, Any], sample: int, text: str) -> dict[str, Any]:
-            pred = extract_final_answer(text)
-            out = {
-                "id": rec["id"],
-                "sample": sample,
-                "category": rec.get("category"),
-                "question": rec["question"],
-                "cot": text,
-                "teacher_answer": pred,
-            }
-            if "answer" in rec:
-                out["gold"] = rec["answer"]
-                out["correct"] = answers_match(pred, rec["answer"])
-            return out
+            with open_engine(cfg, cfg.teacher, stage, shard, load_model=load) as (engine, tok):
+                fmt = resolve_format(cfg.prompt_format, tok)
+                yield engine, lambda rec: teacher_prompt(template, rec["question"], fmt)
 
         return run_configured_shard(
-            cfg,
-            stage,
-            shard,
-            load=load,
-            prompt_of=lambda rec: prompt(template, rec["question"]),
-            generate=generate,
-            to_record=to_record,
+            cfg, stage, shard, open_engine=session, to_record=teacher_record
         )

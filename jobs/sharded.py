@@ -1,8 +1,10 @@
-"""The shard loop shared by ``generate`` and ``evaluate``: resume, batch, append, mark.
+"""The shard loop shared by ``generate`` and ``evaluate``: resume, request, append, mark.
 
-A task loads its model once, skips the keys already in its shard file (after dropping a torn
-last line), generates the rest in length-grouped batches, appends each batch with fsync, and
-writes the completion marker last. Preemption costs at most the batch in flight.
+A task opens its engine once (the model in-process, or an inference server), skips the keys
+already in its shard file (after dropping a torn last line), sends the rest as requests,
+appends each completion as it finishes (flushed at once, fsync'd within a second), and writes
+the completion marker last. Preemption costs at most the requests in flight: a batch for the
+``hf`` engine, ``--concurrency`` requests for the ``server`` engine.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from cot.records import append_durable, read_questions
+from cot.engines import Completion, Engine, Prompt, Request
+from cot.records import DurableAppender, read_questions
 from hpc import logs
 from hpc import shards as S
 from hpc.config import ShardedFields
@@ -92,6 +95,18 @@ def stop_on_sigterm() -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def request_seed(seed: int, key: S.Key) -> int:
+    """A per-request sampling seed that depends only on the run's seed and the record key."""
+    return batch_seed(seed, [key])
+
+
+# What a stage gives the loop: an engine opener (it loads the model or starts the server only
+# when there is work) that yields the engine and the prompt builder, and a record builder.
+Session = tuple[Engine, Callable[[dict[str, Any]], Prompt]]
+OpenEngine = Callable[[], contextlib.AbstractContextManager[Session]]
+ToRecord = Callable[[dict[str, Any], int, Completion], dict[str, Any]]
+
+
 def run_shard(
     stage_dir: Path,
     shard: int,
@@ -99,14 +114,15 @@ def run_shard(
     input_path: str,
     start_index: int,
     num_samples: int | None,
-    batch_size: int,
     seed: int,
-    load: Callable[[], tuple[Any, Any]],
-    prompt_of: Callable[[dict[str, Any]], str],
-    generate: Callable[[Any, Any, list[str], int], tuple[list[str], int]],
-    to_record: Callable[[dict[str, Any], int, str], dict[str, Any]],
+    open_engine: OpenEngine,
+    to_record: ToRecord,
 ) -> dict[str, Any]:
-    """Run (or resume) one shard; returns counts. Idempotent once the marker exists."""
+    """Run (or resume) one shard; returns counts. Idempotent once the marker exists.
+
+    Each completion is appended as it finishes (flushed at once, fsync'd within a second), so a
+    preemption loses at most the requests in flight; a resume skips every (id, sample) on disk.
+    """
     if S.marker_path(stage_dir, shard).exists():
         return {"shard": shard, "status": "already complete"}
     plan = S.load_plan(stage_dir)
@@ -127,41 +143,45 @@ def run_shard(
     log.info(
         f"shard {shard}: {len(wanted)} records, {len(done)} already on disk, {len(todo)} to go"
     )
+    S.append_attempt(stage_dir, shard, {"event": "resume", "on_disk": len(done), "todo": len(todo)})
     if todo:
-        model, tokenizer = load()
-        prompts = {id(item): prompt_of(item[0]) for item in todo}
-        lengths = {k: len(tokenizer(p)["input_ids"]) for k, p in prompts.items()}
-        from cot.generation import length_grouped
-
-        batches = length_grouped(todo, lambda it: lengths[id(it)], batch_size)
-        bar = progress(len(wanted), len(wanted) - len(todo), f"shard {shard}")
-        tokens, t0 = 0, time.time()
-        with stop_on_sigterm() as terminated, open(path, "a", encoding="utf-8") as out:
-            for batch in batches:
-                if terminated():
-                    log.info(f"shard {shard}: SIGTERM, stopping at a record boundary")
-                    raise Terminated(128 + signal.SIGTERM)
-                keys = [(it[0]["id"], it[1]) for it in batch]
-                S.append_attempt(stage_dir, shard, {"event": "batch", "n": len(batch)})
-                texts, n_tok = generate(
-                    model, tokenizer, [prompts[id(it)] for it in batch], batch_seed(seed, keys)
+        generated, tokens, t0 = 0, 0, time.time()
+        with open_engine() as (engine, prompt_of):
+            items = {(it[0]["id"], it[1]): it for it in todo}
+            requests = [
+                Request(k, prompt_of(it[0]), request_seed(seed, k)) for k, it in items.items()
+            ]
+            bar = progress(len(wanted), len(wanted) - len(todo), f"shard {shard}")
+            try:
+                with stop_on_sigterm() as terminated, DurableAppender(path) as out:
+                    for req, completion in engine.run(requests, should_stop=terminated):
+                        rec, sample = items[req.key]
+                        try:
+                            out.write([to_record(rec, sample, completion)])
+                        except OSError as e:
+                            # The shard keeps every whole line written so far and gets no
+                            # marker; the next start drops the torn tail and resumes there.
+                            raise OSError(
+                                e.errno,
+                                f"{path}: writing shard {shard} failed ({e.strerror}); it stays "
+                                "incomplete and resumes from its last whole record when "
+                                "relaunched",
+                            ) from e
+                        generated += 1
+                        tokens += completion.tokens
+                        bar.update(1)
+                    if terminated():
+                        log.info(f"shard {shard}: SIGTERM, stopping at a record boundary")
+                        raise Terminated(128 + signal.SIGTERM)
+            finally:
+                bar.close()
+                S.append_attempt(
+                    stage_dir,
+                    shard,
+                    {"event": "requests", "sent": getattr(engine, "sent", None), "done": generated},
                 )
-                tokens += n_tok
-                recs = [to_record(it[0], it[1], t) for it, t in zip(batch, texts, strict=True)]
-                try:
-                    append_durable(out, recs)
-                except OSError as e:
-                    # The shard keeps every whole line written so far and gets no marker; the
-                    # next start drops the torn tail and resumes from there.
-                    raise OSError(
-                        e.errno,
-                        f"{path}: writing shard {shard} failed ({e.strerror}); it stays "
-                        "incomplete and resumes from its last whole record when relaunched",
-                    ) from e
-                bar.update(len(batch))
-        bar.close()
         dt = time.time() - t0
-        log.info(f"shard {shard}: {len(todo)} records, {tokens} tokens in {dt:.1f}s")
+        log.info(f"shard {shard}: {generated} records, {tokens} tokens in {dt:.1f}s")
     n = S.finish_shard(stage_dir, plan, shard)
     return {"shard": shard, "status": "complete", "records": n, "generated": len(todo)}
 
@@ -171,12 +191,10 @@ def run_configured_shard(
     stage: str,
     shard: int,
     *,
-    load: Callable[[], tuple[Any, Any]],
-    prompt_of: Callable[[dict[str, Any]], str],
-    generate: Callable[[Any, Any, list[str], int], tuple[list[str], int]],
-    to_record: Callable[[dict[str, Any], int, str], dict[str, Any]],
+    open_engine: OpenEngine,
+    to_record: ToRecord,
 ) -> dict[str, Any]:
-    """:func:`run_shard` for a stage config: its run folder, input, selection, batch and seed."""
+    """:func:`run_shard` for a stage config: its run folder, input, selection and seed."""
     logs.setup()  # a job is a fresh process: the same plain-line log as the CLI
     return run_shard(
         RunLayout(Path(cfg.run_dir)).stage(stage).dir,
@@ -184,11 +202,8 @@ def run_configured_shard(
         input_path=cfg.input,
         start_index=cfg.start_index,
         num_samples=cfg.num_samples,
-        batch_size=cfg.batch_size,
         seed=cfg.seed,
-        load=load,
-        prompt_of=prompt_of,
-        generate=generate,
+        open_engine=open_engine,
         to_record=to_record,
     )
 

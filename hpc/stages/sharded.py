@@ -40,12 +40,50 @@ log = logging.getLogger(__name__)
 def describe(counts: dict[str, Any]) -> str:
     """Human summary of a merge, with kept/total per category."""
     lines = [f"merged {counts['kept']} of {counts['total']} records -> {counts['merged']}"]
+    if counts.get("errors"):
+        lines.append(
+            f"  {counts['errors']} error records (the engine could not produce them; each "
+            'keeps its reason in "error")'
+        )
     if counts["keep"] != "all":
         for cat, (kept, total) in sorted(counts["per_category"].items()):
             lines.append(f"  {cat:<16} kept {kept:>6} of {total:>6}")
     for o in counts["outputs"]:
         lines.append(f"  copied to {o}")
     return "\n".join(lines)
+
+
+def check_engine(cfg: C.ShardedFields, adapter: str | None = None) -> None:
+    """Refuse engine settings that cannot work, before anything is submitted."""
+    from cot.serving import server_argv
+
+    server_only = {
+        "--server-url": cfg.server_url,
+        "--server-command": cfg.server_command,
+    }
+    if cfg.engine == "hf":
+        given = [flag for flag, v in server_only.items() if v]
+        if given:
+            raise ConfigError(f"{given[0]} needs --engine server (the engine is hf)")
+        return
+    if cfg.server_url and cfg.server_command:
+        raise ConfigError(
+            "--server-url and --server-command exclude each other: the first uses a running "
+            "server, the second starts one per task"
+        )
+    if cfg.server_url:
+        if not cfg.server_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"--server-url {cfg.server_url!r} must start with http:// or https://"
+            )
+        return
+    # Builds the command once with placeholder values: a bad template fails here, not per task.
+    server_argv(cfg.server_command or cfg.server, model="MODEL", port=1, adapter=adapter)
+
+
+def model_is_remote(cfg: C.ShardedFields, model: str) -> bool:
+    """True when ``model`` names a model of a running server rather than a local folder."""
+    return cfg.engine == "server" and bool(cfg.server_url) and not Path(model).exists()
 
 
 class ShardedStage(Stage):
@@ -84,6 +122,7 @@ class ShardedStage(Stage):
         records = read_questions(
             cfg.input, start_index=cfg.start_index, num_samples=cfg.num_samples
         )
+        check_engine(cfg, adapter=getattr(cfg, "lora_model", None))
         self.check_models(produced)
         if self.keep == "correct" and not any("answer" in r for r in records):
             raise ConfigError(f"{cfg.input}: --keep correct needs an `answer` field in the input")
@@ -311,7 +350,8 @@ class GenerateStage(ShardedStage):
         from cot.models import check_model_dir, check_remote_code
         from cot.prompts import load_template
 
-        check_remote_code(check_model_dir(self.gen.teacher), self.gen.trust_remote_code)
+        if not model_is_remote(self.gen, self.gen.teacher):
+            check_remote_code(check_model_dir(self.gen.teacher), self.gen.trust_remote_code)
         load_template(self.gen.prompt_template)
 
 
@@ -334,6 +374,7 @@ class EvaluateStage(ShardedStage):
     def check_models(self, produced: set[Path]) -> None:
         from cot.models import check_adapter_dir, check_model_dir, check_remote_code
 
-        check_remote_code(check_model_dir(self.ev.base_model), self.ev.trust_remote_code)
+        if not model_is_remote(self.ev, self.ev.base_model):
+            check_remote_code(check_model_dir(self.ev.base_model), self.ev.trust_remote_code)
         if self.ev.lora_model and Path(self.ev.lora_model) not in produced:
             check_adapter_dir(self.ev.lora_model)

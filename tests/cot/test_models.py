@@ -5,10 +5,18 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
-from cot.models import ModelError, check_model_dir, load_model, load_tokenizer, resolve_quant
+from cot.models import (
+    ModelError,
+    check_model_dir,
+    ensure_pad_token,
+    load_model,
+    load_tokenizer,
+    resolve_quant,
+)
 
 
 def test_tokenizer_round_trip_ids_identical(tmp_path: Path, dataset_dir: Path) -> None:
@@ -49,6 +57,48 @@ def test_pad_falls_back_to_eos(tiny_models: Path, tmp_path: Path) -> None:
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     tok = load_tokenizer(d)
     assert tok.pad_token == tok.eos_token
+
+
+class _Tok:
+    """The attributes ensure_pad_token reads: a tokenizer with token <-> id for two tokens."""
+
+    ids: ClassVar[dict[str, int]] = {"<|endoftext|>": 7, "</s>": 2}
+
+    def __init__(self, eos: str | None = None, eod_id: int | None = None, settable: bool = True):
+        self.pad_token: str | None = None
+        self._pad_id: int | None = None
+        self.eos_token = eos
+        self.settable = settable
+        if eod_id is not None:
+            self.eod_id = eod_id
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.ids.get(self.pad_token) if self.pad_token else self._pad_id  # type: ignore[arg-type]
+
+    @pad_token_id.setter
+    def pad_token_id(self, value: int) -> None:
+        if not self.settable:
+            raise AttributeError("can't set attribute")
+        self._pad_id = value
+
+
+def test_pad_token_from_eos_then_eod_id_then_a_clear_error() -> None:
+    tok = _Tok(eos="</s>")
+    ensure_pad_token(tok, "models/x")
+    assert tok.pad_token == "</s>" and tok.pad_token_id == 2
+    # First-generation Qwen: no eos token, only eod_id.
+    qwen = _Tok(eod_id=7)
+    ensure_pad_token(qwen, "models/qwen")
+    assert qwen.pad_token_id == 7
+    for bad in (_Tok(), _Tok(eod_id=7, settable=False)):
+        with pytest.raises(ModelError, match=r"models/bad.*pad_token"):
+            ensure_pad_token(bad, "models/bad")
+    # A pad token that is already there is kept.
+    keep = _Tok(eos="</s>")
+    keep.pad_token = "<|endoftext|>"
+    ensure_pad_token(keep, "models/x")
+    assert keep.pad_token_id == 7
 
 
 def test_missing_and_incomplete_model_folders(tiny_models: Path, tmp_path: Path) -> None:
@@ -96,20 +146,28 @@ def test_nf4_forced_on_cpu_loads_and_generates(tiny_models: Path) -> None:
     assert out.shape[1] > enc["input_ids"].shape[1] and torch.isfinite(out.float()).all()
 
 
-def test_tiny_teacher_writes_final_answer_lines(tiny_models: Path, dataset_dir: Path) -> None:
+@pytest.mark.parametrize("fmt", ["raw", "chat"])
+def test_tiny_teacher_writes_final_answer_lines(
+    tiny_models: Path, dataset_dir: Path, fmt: str
+) -> None:
+    """The seed's prompt, raw or as a ChatML user turn: step-by-step text ending in the answer."""
+    from cot.engines import prompt_text
     from cot.generation import generate_batch
-    from cot.prompts import TEACHER_TEMPLATE, load_template, prompt
+    from cot.prompts import TEACHER_TEMPLATE, load_template, teacher_prompt
     from cot.records import read_questions
 
     qs = read_questions(dataset_dir / "test_questions.jsonl")[:16]
     tok = load_tokenizer(tiny_models / "teacher")
     model = load_model(tiny_models / "teacher", quant="none")
     t = load_template(TEACHER_TEMPLATE)
-    texts, _ = generate_batch(
-        model, tok, [prompt(t, q["question"]) for q in qs], max_new_tokens=160
-    )
+    ps = [prompt_text(tok, teacher_prompt(t, q["question"], fmt)) for q in qs]
+    if fmt == "chat":
+        assert ps[0].startswith("<|im_start|>user\nYou are a careful reasoning assistant.")
+        assert ps[0].endswith("\n\nA:<|im_end|>\n<|im_start|>assistant\n")
+    texts, _ = generate_batch(model, tok, ps, max_new_tokens=160, add_special_tokens=fmt == "raw")
     formatted = sum(
         x.strip().splitlines()[-1].startswith("Final Answer:") for x in texts if x.strip()
     )
     assert formatted >= 14, texts[:3]
-    assert all(len(x.splitlines()) >= 2 for x in texts[:8])  # step-by-step, not one line
+    steps = sum(len(x.splitlines()) >= 2 for x in texts)
+    assert steps >= 14, texts  # step-by-step, not one line

@@ -182,6 +182,14 @@ def test_records_keep_line_numbers_and_empty_file_fails(tmp_path: Path) -> None:
         T.read_training_records(_write(tmp_path, [""]))
 
 
+def test_error_records_are_skipped_and_all_errors_fail(tmp_path: Path) -> None:
+    err = json.dumps({"question": "q", "cot": None, "error": "prompt too long: ..."})
+    recs = T.read_training_records(_write(tmp_path, [GOOD, err, GOOD]))
+    assert [r["line"] for r in recs] == [1, 3]
+    with pytest.raises(RecordError, match="all 2 records are error records: no records to train"):
+        T.read_training_records(_write(tmp_path, [err, err]))
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 

@@ -199,7 +199,10 @@ def test_finish_reorders_drops_duplicates_then_marks(tmp_path: Path) -> None:
     lines = path.read_text().splitlines()
     assert [S.record_key(json.loads(x)) for x in lines] == keys
     assert S.marker_path(stage_dir, 1).exists()
-    assert json.loads(S.marker_path(stage_dir, 1).read_text()) == {"records": len(keys)}
+    assert json.loads(S.marker_path(stage_dir, 1).read_text()) == {
+        "records": len(keys),
+        "errors": 0,
+    }
     assert S.completed(stage_dir) == {1}
     assert S.incomplete(stage_dir, plan) == [0]
 
@@ -445,3 +448,19 @@ def test_append_attempt_counts_starts(tmp_path: Path) -> None:
     assert S.append_attempt(stage_dir, 3, {"event": "batch", "n": 2}) == 2
     lines = (stage_dir / "attempts" / "00003").read_text().splitlines()
     assert [json.loads(x)["event"] for x in lines] == ["start", "batch"]
+
+
+def test_error_records_are_counted_in_the_marker_and_the_merge(tmp_path: Path) -> None:
+    stage_dir, plan = _stage(tmp_path, 6, 2)
+    for shard in (0, 1):
+        path = S.shard_path(stage_dir, shard)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        recs = [_rec(rid, s) for rid, s in plan.keys(shard)]
+        if shard == 1:  # one refused prompt, written twice (a redone request): counted once
+            recs[0] = {**recs[0], "error": "prompt too long"}
+            recs.append(recs[0])
+        path.write_text("".join(_line(r) for r in recs))
+        S.finish_shard(stage_dir, plan, shard)
+    assert json.loads(S.marker_path(stage_dir, 1).read_text()) == {"records": 3, "errors": 1}
+    counts = S.write_merged(stage_dir, plan, [])
+    assert (counts["total"], counts["errors"]) == (6, 1)

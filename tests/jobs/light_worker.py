@@ -1,7 +1,7 @@
 """A torch-free shard worker for scale tests: the real shard protocol, a trivial "model".
 
 It runs :func:`jobs.sharded.run_shard` exactly as generation does (resume, batches, fsync,
-marker last); only the model is replaced by string reversal, so 200 array tasks take seconds.
+marker last); only the engine is replaced by string reversal, so 200 array tasks take seconds.
 
 :class:`SlowLightShard` sleeps per batch, so that a shard's length is set by the clock (for time
 limit tests). ``python -m tests.jobs.light_worker --sleep-s S [generate's flags]`` launches it
@@ -11,37 +11,61 @@ exactly as ``python -m hpc.launch generate`` launches the real worker (same run 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import submitit
 
+from cot.engines import Completion, Engine, Request, never
 from hpc.config import GenerateConfig
 from hpc.stages import GenerateStage
-from jobs.sharded import run_configured_shard
+from jobs.sharded import Session, run_configured_shard
+
+
+class ReverseEngine(Engine):
+    """A torch-free engine: completions are the prompts reversed, in batches of ``batch_size``,
+    with ``should_stop`` checked between batches as the hf engine does."""
+
+    def __init__(self, batch_size: int, sleep_s: float = 0.0, asked: list[str] | None = None):
+        self.batch_size, self.sleep_s, self.asked = max(1, batch_size), sleep_s, asked
+
+    def run(
+        self, requests: Sequence[Request], should_stop: Callable[[], bool] = never
+    ) -> Iterator[tuple[Request, Completion]]:
+        for i in range(0, len(requests), self.batch_size):
+            if should_stop():
+                return
+            batch = requests[i : i + self.batch_size]
+            if self.asked is not None:
+                self.asked += [str(r.prompt) for r in batch]
+            if self.sleep_s:
+                time.sleep(self.sleep_s)
+            for r in batch:
+                yield r, Completion(str(r.prompt)[::-1], 0)
 
 
 class LightShard(submitit.helpers.Checkpointable):
     """Reverse each question; records look like generation records."""
 
     sleep_s: float = 0.0
+    asked: list[str] | None = None
 
     def __call__(self, cfg: GenerateConfig, shard: int, stage: str = "generate") -> dict[str, Any]:
-        def generate(model: Any, tok: Any, prompts: list[str], seed: int) -> tuple[list[str], int]:
-            if self.sleep_s:
-                time.sleep(self.sleep_s)
-            return [p[::-1] for p in prompts], 0
+        @contextlib.contextmanager
+        def session() -> Iterator[Session]:
+            engine = ReverseEngine(cfg.batch_size, self.sleep_s, self.asked)
+            yield engine, lambda rec: rec["question"]
 
         return run_configured_shard(
             cfg,
             stage,
             shard,
-            load=lambda: (None, lambda text: {"input_ids": text.split()}),
-            prompt_of=lambda rec: rec["question"],
-            generate=generate,
-            to_record=lambda rec, s, text: {"id": rec["id"], "sample": s, "cot": text},
+            open_engine=session,
+            to_record=lambda rec, s, c: {"id": rec["id"], "sample": s, "cot": c.text},
         )
 
 

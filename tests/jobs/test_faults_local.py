@@ -8,6 +8,7 @@ import os
 import stat
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,30 +73,31 @@ def run_shard_inline(run: Path, inp: Path, shard: int = 0) -> dict:  # type: ign
 def test_disk_full_mid_shard_leaves_no_marker_and_resumes(
     tiny_models: Path, small_questions: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import cot.records as R
     import jobs.sharded as J
 
-    real = R.append_durable
+    real = J.DurableAppender
     calls = {"n": 0}
 
-    def flaky(fh, records):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] == 3:
-            fh.write(json.dumps(records[0])[:20])  # a torn partial write, as a full disk leaves
-            fh.flush()
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fh, records)
+    class Flaky(real):  # type: ignore[misc,valid-type]
+        def write(self, records: Any) -> int:
+            calls["n"] += 1
+            if calls["n"] == 3:  # a torn partial write, as a full disk leaves
+                self._fh.write(json.dumps(next(iter(records)))[:20])
+                self._fh.flush()
+                raise OSError(errno.ENOSPC, "No space left on device")
+            n: int = super().write(records)
+            return n
 
-    monkeypatch.setattr(J, "append_durable", flaky)
+    monkeypatch.setattr(J, "DurableAppender", Flaky)
     run = tmp_path / "run"
     with pytest.raises(OSError, match=r"00000\.jsonl: writing shard 0 failed \(No space left"):
         run_shard_inline(run, small_questions)
     stage = run / "generate"
     assert not S.marker_path(stage, 0).exists()
     assert S.completed(stage) == set()
-    monkeypatch.setattr(J, "append_durable", real)
+    monkeypatch.setattr(J, "DurableAppender", real)
     result = run_shard_inline(run, small_questions)
-    assert result["status"] == "complete" and result["generated"] == 24 - 8
+    assert result["status"] == "complete" and result["generated"] == 24 - 2  # 2 records were whole
     lines = S.shard_path(stage, 0).read_text().splitlines()
     assert [json.loads(x)["id"] for x in lines] == [
         json.loads(x)["id"] for x in small_questions.read_text().splitlines()

@@ -365,7 +365,7 @@ def _assert_resumed_once(sc: Scenario, *, same_job: bool) -> None:
         assert [second[k] for k in keys] == [first[k] for k in keys]
         assert second["restart_count"] == first["restart_count"] + 1
     marker = S.marker_path(run_dir / "generate", sc.shard)
-    assert json.loads(marker.read_text()) == {"records": sc.per_shard}
+    assert json.loads(marker.read_text()) == {"records": sc.per_shard, "errors": 0}
 
 
 @pytest.fixture(scope="module")
