@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# GPU check of the training path: tiny student, NF4 + paged_adamw_8bit + DeepSpeed ZeRO-2 on CUDA.
-# Prints the median optimizer-step time, tokens/s and the peak GPU memory; a few minutes at most.
+# GPU check of the training path and of the teacher engines, a few minutes at most:
+# 1. training: tiny student, NF4 + paged_adamw_8bit + DeepSpeed ZeRO-2 on CUDA; prints the median
+#    optimizer-step time, tokens/s and the peak GPU memory;
+# 2. teacher: benchmarks/teacher_gpu.py, the server engine with vLLM against the hf engine on a
+#    randomly initialised model of Qwen2.5-0.5B's shape, output tokens/s (goal >= 5x); where vLLM
+#    is not installed it measures the hf engine alone and says so (SERVER=sglang to try SGLang).
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]          (default OUT_DIR: /tmp/cothpc-gpu-check)
 #   PYTHON=/path/to/python STEPS=40 bash benchmarks/gpu_check.sh
@@ -106,3 +110,6 @@ if problems:
     sys.exit(1)
 print("gpu_check: OK")
 EOF
+
+echo "gpu_check: teacher engines on a random model of Qwen2.5-0.5B's shape"
+"$PY" benchmarks/teacher_gpu.py --out "$OUT/teacher" --server "${SERVER:-vllm}"
