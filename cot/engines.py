@@ -73,6 +73,9 @@ class Decoding:
     temperature: float = 0.0
     top_p: float = 1.0
     stop_at_answer: bool = True
+    # Stop strings (raw prompts: where the next question would start). The server stops there
+    # itself; both engines also cut the text there, so their outputs agree.
+    stop: tuple[str, ...] = ()
 
 
 StopCheck = Callable[[], bool]
@@ -172,7 +175,12 @@ class HFEngine(Engine):
     def run(
         self, requests: Sequence[Request], should_stop: StopCheck = never
     ) -> Iterator[tuple[Request, Completion]]:
-        from cot.generation import generate_batch, length_grouped
+        from cot.generation import (
+            cut_after_final_answer,
+            cut_at_stop,
+            generate_batch,
+            length_grouped,
+        )
 
         texts = {r.key: prompt_text(self.tokenizer, r.prompt) for r in requests}
         lengths = {r.key: token_count(self.tokenizer, r.prompt) for r in requests}
@@ -200,6 +208,9 @@ class HFEngine(Engine):
                 add_special_tokens=isinstance(batch[0].prompt, str),
             )
             for r, text, n in zip(batch, out, counts, strict=True):
+                if self.decoding.stop:
+                    text = cut_at_stop(text, self.decoding.stop)
+                    text = cut_after_final_answer(text) if self.decoding.stop_at_answer else text
                 yield r, Completion(text, n)
 
 
@@ -280,13 +291,15 @@ class ServerEngine(Engine):
         }
         if d.temperature > 0:
             body["top_p"] = d.top_p
+        if d.stop:
+            body["stop"] = list(d.stop)
         if isinstance(req.prompt, str):
             return f"{self.url}/v1/completions", {**body, "prompt": req.prompt}
         return f"{self.url}/v1/chat/completions", {**body, "messages": req.prompt}
 
     def complete(self, req: Request) -> Completion:
         """One request, with retries; raises EngineError when it cannot be served at all."""
-        from cot.generation import cut_after_final_answer
+        from cot.generation import cut_after_final_answer, cut_at_stop
 
         if self.limit is not None:
             reason = self.limit.error(self.limit.length(req.prompt))
@@ -314,7 +327,7 @@ class ServerEngine(Engine):
                 tokens = int((resp.get("usage") or {}).get("completion_tokens") or 0)
             except (KeyError, IndexError, TypeError, ValueError):
                 return Completion("", 0, error=f"malformed response: {json.dumps(resp)[:300]}")
-            text = text or ""
+            text = cut_at_stop(text or "", self.decoding.stop)
             if self.decoding.stop_at_answer:
                 text = cut_after_final_answer(text)
             return Completion(text, tokens)

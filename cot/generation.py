@@ -21,6 +21,12 @@ def cut_after_final_answer(text: str) -> str:
     return text[: m.end()].rstrip("\n") if m else text
 
 
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """Drop everything from the first stop string on (as an OpenAI-compatible server does)."""
+    ends = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return text[: min(ends)] if ends else text
+
+
 def length_grouped(
     items: Sequence[Any], key: Callable[[Any], int], batch_size: int
 ) -> list[list[Any]]:

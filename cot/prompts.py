@@ -38,6 +38,20 @@ def render(template: str, question: str) -> str:
     return template.replace("{question}", question)
 
 
+def next_turn_stop(template: str) -> str | None:
+    """The stop string that ends a raw completion where the model would start the next question.
+
+    A base model continuing a raw prompt writes the answer and then, as often as not, a new
+    ``Q: ...`` of its own. The marker is what the template writes before ``{question}``: the
+    text before it on its line (``Q:``), or else the nearest non-empty line above
+    (``### Question:``), preceded by a newline. None when the template has neither.
+    """
+    head = template.split("{question}", 1)[0] if "{question}" in template else ""
+    lines = head.split("\n")
+    marker = lines[-1].strip() or next((x.strip() for x in reversed(lines[:-1]) if x.strip()), "")
+    return "\n" + marker if marker else None
+
+
 def prompt(template: str, question: str) -> str:
     """A full prompt: the template filled in, ending in a newline where the model continues."""
     return render(template, question) + "\n"

@@ -64,6 +64,19 @@ def decoding_of(cfg: ShardedFields) -> Decoding:
     )
 
 
+def stop_at_next_turn(engine: Engine, template: str, fmt: str) -> None:
+    """Raw prompts stop where the model would start the next question (the template's marker);
+    a chat turn already ends at the model's end-of-turn token."""
+    from dataclasses import replace
+
+    from cot.prompts import next_turn_stop
+
+    stop = next_turn_stop(template) if fmt == "raw" else None
+    decoding = getattr(engine, "decoding", None)
+    if stop and isinstance(decoding, Decoding):
+        engine.decoding = replace(decoding, stop=(stop,))  # type: ignore[attr-defined]
+
+
 def local_tokenizer(cfg: ShardedFields, model_dir: str) -> Any | None:
     """The model's tokenizer when the model is a local folder (None for a remote-only name)."""
     from cot.models import load_tokenizer

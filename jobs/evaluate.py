@@ -50,7 +50,7 @@ class EvaluateShard(ServerCheckpointable):
     def __call__(self, cfg: EvaluateConfig, shard: int, stage: str = "evaluate") -> dict[str, Any]:
         from cot.models import load_model
         from cot.prompts import STUDENT_TEMPLATE, as_prompt, load_template, prompt, resolve_format
-        from jobs.engine import open_engine
+        from jobs.engine import open_engine, stop_at_next_turn
 
         if cfg.engine == "hf":
             set_threads(cfg)
@@ -73,6 +73,7 @@ class EvaluateShard(ServerCheckpointable):
         def session() -> Iterator[Session]:
             with open_engine(cfg, cfg.base_model, stage, shard, load_model=load) as (engine, tok):
                 fmt = resolve_format(cfg.prompt_format, tok)
+                stop_at_next_turn(engine, template, fmt)
                 # The student learnt ``### Question: ... ### Answer:`` followed by a newline.
                 yield engine, lambda rec: as_prompt(prompt(template, rec["question"]), fmt)
 

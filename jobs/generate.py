@@ -50,7 +50,7 @@ class GenerateShard(ServerCheckpointable):
     def __call__(self, cfg: GenerateConfig, shard: int, stage: str = STAGE) -> dict[str, Any]:
         from cot.models import load_model
         from cot.prompts import load_template, resolve_format, teacher_prompt
-        from jobs.engine import open_engine
+        from jobs.engine import open_engine, stop_at_next_turn
 
         if cfg.engine == "hf":
             set_threads(cfg)
@@ -65,6 +65,7 @@ class GenerateShard(ServerCheckpointable):
 
             with open_engine(cfg, cfg.teacher, stage, shard, load_model=load) as (engine, tok):
                 fmt = resolve_format(cfg.prompt_format, tok)
+                stop_at_next_turn(engine, template, fmt)
                 yield engine, lambda rec: teacher_prompt(template, rec["question"], fmt)
 
         return run_configured_shard(

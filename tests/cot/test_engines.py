@@ -100,6 +100,17 @@ def test_completions_are_cut_after_the_answer_line_and_counted(
     }
 
 
+def test_stop_strings_are_sent_and_applied_to_what_comes_back(fake: tuple[str, Script]) -> None:
+    """A server that ignores ``stop`` (or stops after it) still gives the same cut text."""
+    url, script = fake
+    d = Decoding(max_new_tokens=8, stop=("\nFinal",))
+    out = gather(ServerEngine(url, "m", d, backoff_s=0.01), [Request(("a", 0), "abc", 1)])
+    assert out[("a", 0)].text == "abc reversed: cba"
+    assert script.bodies[0]["stop"] == ["\nFinal"]
+    gather(_engine(url), [Request(("b", 0), "x", 1)])
+    assert "stop" not in script.bodies[1]  # no stop strings: none sent
+
+
 def test_chat_prompts_go_to_chat_completions(fake: tuple[str, Script]) -> None:
     url, script = fake
     msgs = [{"role": "user", "content": "q"}]

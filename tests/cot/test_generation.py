@@ -138,3 +138,16 @@ def test_final_answer_stop_costs_o_new_tokens_per_step() -> None:
     # O(new tokens): about ``window`` tokens per step; decoding the whole sequence would cost
     # steps**2 / 2 = 180,000.
     assert tok.decoded <= steps * (stop.window + 1)
+
+
+def test_next_turn_stop_of_the_seed_templates_and_the_cut() -> None:
+    from cot.generation import cut_at_stop
+    from cot.prompts import STUDENT_TEMPLATE, TEACHER_TEMPLATE, load_template, next_turn_stop
+
+    assert next_turn_stop(load_template(TEACHER_TEMPLATE)) == "\nQ:"
+    assert next_turn_stop(load_template(STUDENT_TEMPLATE)) == "\n### Question:"
+    assert next_turn_stop("{question}") is None
+    text = "2+2=4\nFinal Answer: 4\n\nQ: what is 3+3?\nA: 6"
+    assert cut_at_stop(text, ["\nQ:"]) == "2+2=4\nFinal Answer: 4\n"
+    assert cut_at_stop(text, ["\nA:", "\nQ:"]) == "2+2=4\nFinal Answer: 4\n"  # the first one
+    assert cut_at_stop(text, []) == text and cut_at_stop(text, ["zzz"]) == text
