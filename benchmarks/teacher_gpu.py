@@ -22,13 +22,13 @@ import importlib.util
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.generation import timed  # noqa: E402
 from cot.engines import Decoding, HFEngine, Request, ServerEngine, gather  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
@@ -122,13 +122,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def measure(engine: Any) -> tuple[float, int]:
         gather(engine, requests[: min(8, len(requests))])  # warm-up
-        t = time.perf_counter()
-        got = gather(engine, requests)
-        s = time.perf_counter() - t
-        failed = [c.error for c in got.values() if c.error]
-        if failed:
-            raise SystemExit(f"teacher_gpu: {len(failed)} requests failed, first: {failed[0]}")
-        return s, sum(c.tokens for c in got.values())
+        s, _, tokens = timed(engine, requests)
+        return s, tokens
 
     tok = load_tokenizer(model_dir)
     model = load_model(model_dir, quant="none")

@@ -110,9 +110,11 @@ def prompt_text(tokenizer: Any, prompt: Prompt) -> str:
     return prompt if isinstance(prompt, str) else chat_text(tokenizer, prompt)
 
 
-def token_count(tokenizer: Any, prompt: Prompt) -> int:
-    """Prompt tokens as the model sees them: a chat template's text carries its own specials."""
-    text = prompt_text(tokenizer, prompt)
+def token_count(tokenizer: Any, prompt: Prompt, text: str | None = None) -> int:
+    """Prompt tokens as the model sees them: a chat template's text carries its own specials.
+    ``text`` is ``prompt_text(tokenizer, prompt)`` where the caller has it already."""
+    if text is None:
+        text = prompt_text(tokenizer, prompt)
     return len(tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"])
 
 
@@ -175,15 +177,10 @@ class HFEngine(Engine):
     def run(
         self, requests: Sequence[Request], should_stop: StopCheck = never
     ) -> Iterator[tuple[Request, Completion]]:
-        from cot.generation import (
-            cut_after_final_answer,
-            cut_at_stop,
-            generate_batch,
-            length_grouped,
-        )
+        from cot.generation import cut_at_stop, generate_batch, length_grouped
 
         texts = {r.key: prompt_text(self.tokenizer, r.prompt) for r in requests}
-        lengths = {r.key: token_count(self.tokenizer, r.prompt) for r in requests}
+        lengths = {r.key: token_count(self.tokenizer, r.prompt, texts[r.key]) for r in requests}
         ok: list[Request] = []
         for r in requests:
             reason = self.limit.error(lengths[r.key])
@@ -208,10 +205,8 @@ class HFEngine(Engine):
                 add_special_tokens=isinstance(batch[0].prompt, str),
             )
             for r, text, n in zip(batch, out, counts, strict=True):
-                if self.decoding.stop:
-                    text = cut_at_stop(text, self.decoding.stop)
-                    text = cut_after_final_answer(text) if self.decoding.stop_at_answer else text
-                yield r, Completion(text, n)
+                # Already cut after the answer line; a stop string can only cut it shorter.
+                yield r, Completion(cut_at_stop(text, self.decoding.stop), n)
 
 
 # --------------------------------------------------------------------------- HTTP client

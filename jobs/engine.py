@@ -138,7 +138,8 @@ def open_engine(
     """Yield (engine, tokenizer or None) for one shard task; ``load_model`` is the hf loader."""
     tok = local_tokenizer(cfg, model_dir)
     decoding = decoding_of(cfg)
-    limit = PromptLimit(tok, max_positions(model_dir), cfg.max_new_tokens) if tok else None
+    positions = max_positions(model_dir)
+    limit = PromptLimit(tok, positions, cfg.max_new_tokens) if tok else None
     if cfg.engine == "hf":
         from jobs.sharded import batch_seed
 
@@ -152,7 +153,7 @@ def open_engine(
                 tok,
                 decoding,
                 batch_size=cfg.batch_size,
-                max_positions=max_positions(model_dir),
+                max_positions=positions,
                 batch_seed=lambda keys: batch_seed(cfg.seed, keys),
             ),
             tok,

@@ -13,7 +13,7 @@ from typing import Any
 
 from hpc.config import EvaluateConfig
 from jobs.engine import ServerCheckpointable
-from jobs.sharded import Session, run_configured_shard, set_threads
+from jobs.sharded import Session, record_head, run_configured_shard, set_threads
 
 
 def student_record(rec: dict[str, Any], sample: int, completion: Any) -> dict[str, Any]:
@@ -21,12 +21,7 @@ def student_record(rec: dict[str, Any], sample: int, completion: Any) -> dict[st
     from cot.answers import answers_match, extract_final_answer
 
     gold = rec.get("answer")
-    out: dict[str, Any] = {
-        "id": rec["id"],
-        "sample": sample,
-        "category": rec.get("category"),
-        "question": rec["question"],
-    }
+    out = record_head(rec, sample)
     if completion.error is not None:
         out.update(generated=None, pred=None, gold=gold, correct=False, error=completion.error)
         return out

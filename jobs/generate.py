@@ -15,7 +15,7 @@ from typing import Any
 
 from hpc.config import GenerateConfig
 from jobs.engine import ServerCheckpointable
-from jobs.sharded import Session, run_configured_shard, set_threads
+from jobs.sharded import Session, record_head, run_configured_shard, set_threads
 
 STAGE = "generate"
 
@@ -24,12 +24,7 @@ def teacher_record(rec: dict[str, Any], sample: int, completion: Any) -> dict[st
     """One generation record; a completion the engine could not produce keeps its reason."""
     from cot.answers import answers_match, extract_final_answer
 
-    out: dict[str, Any] = {
-        "id": rec["id"],
-        "sample": sample,
-        "category": rec.get("category"),
-        "question": rec["question"],
-    }
+    out = record_head(rec, sample)
     if completion.error is not None:
         out.update(cot=None, teacher_answer=None, error=completion.error)
         if "answer" in rec:

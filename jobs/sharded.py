@@ -49,6 +49,17 @@ def progress(total: int, initial: int, desc: str) -> Any:
     )
 
 
+def record_head(rec: dict[str, Any], sample: int) -> dict[str, Any]:
+    """The fields every shard record opens with, in this order: the merge checks the
+    ``{"id": ..., "sample": N,`` prefix of each line without parsing it."""
+    return {
+        "id": rec["id"],
+        "sample": sample,
+        "category": rec.get("category"),
+        "question": rec["question"],
+    }
+
+
 def batch_seed(seed: int, keys: list[S.Key]) -> int:
     """A sampling seed that depends only on the batch's keys, so a rerun samples the same."""
     h = hashlib.sha256(f"{seed}:{keys}".encode()).hexdigest()

@@ -121,23 +121,30 @@ def test_server_url_points_every_task_at_a_running_server(
     assert server.alive()
 
 
+@pytest.fixture()
+def started(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every Server the shard task starts, in order (the real class, recorded)."""
+    from cot import serving
+
+    servers: list[Any] = []
+
+    class Recorded(serving.Server):
+        def __enter__(self) -> Any:
+            servers.append(self)
+            return super().__enter__()
+
+    monkeypatch.setattr(serving, "Server", Recorded)
+    return servers
+
+
 def test_kill_9_of_the_server_fails_the_task_naming_it_and_the_relaunch_redoes_the_rest(
-    tiny_models: Path, small_questions: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_models: Path, small_questions: Path, tmp_path: Path, started: list[Any]
 ) -> None:
     import signal
 
     from cot import serving
     from jobs.generate import GenerateShard
 
-    started: list[Any] = []
-    real = serving.Server
-
-    class Recorded(real):  # type: ignore[misc,valid-type]
-        def __enter__(self) -> Any:
-            started.append(self)
-            return super().__enter__()
-
-    monkeypatch.setattr(serving, "Server", Recorded)
     run = tmp_path / "run"
     _plan(run, small_questions)
     shard = S.shard_path(run / "generate", 0)
@@ -164,20 +171,11 @@ def test_kill_9_of_the_server_fails_the_task_naming_it_and_the_relaunch_redoes_t
 
 
 def test_a_server_that_never_gets_healthy_fails_within_the_timeout_and_is_killed(
-    tiny_models: Path, small_questions: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_models: Path, small_questions: Path, tmp_path: Path, started: list[Any]
 ) -> None:
     from cot import serving
     from jobs.generate import GenerateShard
 
-    started: list[Any] = []
-    real = serving.Server
-
-    class Recorded(real):  # type: ignore[misc,valid-type]
-        def __enter__(self) -> Any:
-            started.append(self)
-            return super().__enter__()
-
-    monkeypatch.setattr(serving, "Server", Recorded)
     run = tmp_path / "run"
     _plan(run, small_questions)
     never = "{python} -c 'import time; time.sleep(600)' {model} {port}"
