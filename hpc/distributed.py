@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
@@ -207,6 +208,28 @@ def export(env: RankEnv, environ: MutableMapping[str, str] | None = None) -> Non
 
 
 Handler = Callable[[int, FrameType | None], Any]
+
+
+def ignore_late_signals() -> None:
+    """Ignore the preemption signal for the rest of a job whose work is on disk.
+
+    Call it once the task's completion marker is written. A preemption then has nothing left
+    to save, yet a USR2 would still end the task badly: while the interpreter shuts down Python
+    puts its handlers back to the default, and the default action of USR2 is to die, which Slurm
+    records as FAILED for a task whose output is complete. Ignored signals stay ignored through
+    the shutdown. Only in a submitit job's main thread (never in a test's or launcher's process).
+    """
+    if "SUBMITIT_FOLDER" not in os.environ:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        from submitit.core.job_environment import JobEnvironment
+
+        sig = int(JobEnvironment._usr_sig())
+    except (ImportError, RuntimeError):
+        sig = int(signal.SIGUSR2)
+    signal.signal(sig, signal.SIG_IGN)
 
 
 class PreemptionFlag:

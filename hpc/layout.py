@@ -63,6 +63,10 @@ class StageLayout:
         """``completions/00003``: written last, the shard is complete."""
         return self.completions / shard_name(i)
 
+    def lease(self, i: int) -> Path:
+        """``shards/00003.lock``: held by the one live task of shard ``i``."""
+        return self.shards / f"{shard_name(i)}.lock"
+
     def attempts(self, i: int) -> Path:
         """``attempts/00003``: one line per start and per batch."""
         return self.attempts_dir / shard_name(i)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import time
@@ -14,6 +13,7 @@ from typing import Any
 from cot.records import atomic_write_text
 from hpc.errors import RunLockedError
 from hpc.layout import RunLayout
+from hpc.locks import Busy, FileLock, holder_text
 
 __all__ = ["RunLockedError", "Submission", "latest_jobs", "make_run_dir", "read_launch"]
 
@@ -28,23 +28,22 @@ def make_run_dir(path: str | Path) -> Path:
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold ``RUN_DIR/.lock`` (flock) for the duration; a second launch refuses at once."""
-    path = RunLayout(run_dir).lock
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    """Hold ``RUN_DIR/.lock`` for the duration; a second launch refuses at once.
+
+    ``flock``, or an ``O_EXCL`` lock file where the file system has none (see hpc.locks).
+    """
+    lock = FileLock(RunLayout(run_dir).lock)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-            raise RunLockedError(
-                f"{run_dir} is locked by another launch ({holder or 'unknown holder'}); "
-                "wait for it to finish or use another --run-dir"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+        lock.acquire()
+    except Busy as e:
+        raise RunLockedError(
+            f"{run_dir} is locked by another launch ({holder_text(e.holder)}); "
+            "wait for it to finish or use another --run-dir"
+        ) from None
+    try:
         yield
     finally:
-        os.close(fd)
+        lock.release()
 
 
 def read_launch(run_dir: Path) -> dict[str, Any]:

@@ -94,6 +94,20 @@ def make_plan(
 
 def write_or_check_plan(stage_dir: Path, plan: Plan) -> Plan:
     """Write ``plan.json`` once; on relaunch refuse a different input, selection or shard count."""
+    old = check_plan(stage_dir, plan)
+    if old is not None:
+        return old
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(StageLayout(stage_dir).plan, plan.to_json())
+    return plan
+
+
+def check_plan(stage_dir: Path, plan: Plan) -> Plan | None:
+    """The plan on disk when it matches ``plan`` (None when there is none); refuse otherwise.
+
+    Raises:
+        PlanError: naming what differs (input, shard count, selection, samples).
+    """
     path = StageLayout(stage_dir).plan
     if path.exists():
         old = Plan(**json.loads(path.read_text(encoding="utf-8")))
@@ -114,9 +128,7 @@ def write_or_check_plan(stage_dir: Path, plan: Plan) -> Plan:
                 "Use a new --run-dir, or the original settings."
             )
         return old
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, plan.to_json())
-    return plan
+    return None
 
 
 def load_plan(stage_dir: Path) -> Plan:

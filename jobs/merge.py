@@ -1,6 +1,7 @@
 """``Merge``: verify every shard of a stage and write the merged file atomically.
 
-On SLURM it runs as an ``afterok`` job after the array; locally it runs inline. It is a
+On SLURM it runs as an ``afterany`` job after the array (it checks every completion marker
+itself and fails naming the shards that are missing); locally it runs inline. It is a
 Checkpointable like every stage, though a merge is short and restarts from scratch.
 """
 
@@ -14,6 +15,7 @@ import submitit
 
 from cot.records import atomic_write_text
 from hpc import shards as S
+from hpc.distributed import ignore_late_signals
 from hpc.layout import RunLayout
 
 
@@ -39,4 +41,5 @@ class Merge(submitit.helpers.Checkpointable):
         )
         counts.update(stage=stage, keep=keep, outputs=outputs, merged=str(layout.merged))
         atomic_write_text(layout.merge_summary, json.dumps(counts, indent=1))
+        ignore_late_signals()
         return counts

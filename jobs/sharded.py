@@ -27,7 +27,9 @@ from cot.records import DurableAppender, read_questions
 from hpc import logs
 from hpc import shards as S
 from hpc.config import ShardedFields
-from hpc.layout import RunLayout
+from hpc.distributed import ignore_late_signals
+from hpc.layout import RunLayout, StageLayout
+from hpc.locks import Busy, FileLock, holder_text
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,77 @@ def run_shard(
     """
     if S.marker_path(stage_dir, shard).exists():
         return {"shard": shard, "status": "already complete"}
+    with shard_lease(stage_dir, shard) as lease:
+        if lease is None:  # another task finished the shard while this one waited
+            return {"shard": shard, "status": "already complete"}
+        return _run_leased(
+            stage_dir,
+            shard,
+            lease,
+            input_path=input_path,
+            start_index=start_index,
+            num_samples=num_samples,
+            seed=seed,
+            open_engine=open_engine,
+            to_record=to_record,
+        )
+
+
+@contextlib.contextmanager
+def shard_lease(
+    stage_dir: Path, shard: int, poll_s: float | None = None
+) -> Iterator[FileLock | None]:
+    """Hold the shard's lease: the one task that may append to its file.
+
+    Two live tasks for one shard (a relaunch that missed a queued job, a requeue racing a
+    stuck node) must never write one file: the second one waits here, naming the holder, until
+    the holder ends. It then yields None when the holder completed the shard, or the lease to
+    resume what the holder left.
+    """
+    info = task_info()
+    lease = FileLock(
+        StageLayout(stage_dir).lease(shard),
+        {k: info[k] for k in ("job_id", "restart_count")},
+    )
+    poll = poll_s if poll_s is not None else float(os.environ.get("COT_HPC_LEASE_POLL_S", "10"))
+    said = False
+    while True:
+        try:
+            lease.acquire()
+            break
+        except Busy as busy:
+            if not said:
+                log.warning(
+                    f"shard {shard}: another task holds its lease ({holder_text(busy.holder)}); "
+                    "waiting for it to end, this task writes nothing meanwhile"
+                )
+                said = True
+            if S.marker_path(stage_dir, shard).exists():
+                yield None
+                return
+            time.sleep(poll)
+    try:
+        if S.marker_path(stage_dir, shard).exists():
+            yield None
+        else:
+            S.append_attempt(stage_dir, shard, {"event": "lease", **lease.info})
+            yield lease
+    finally:
+        lease.release()
+
+
+def _run_leased(
+    stage_dir: Path,
+    shard: int,
+    lease: FileLock,
+    *,
+    input_path: str,
+    start_index: int,
+    num_samples: int | None,
+    seed: int,
+    open_engine: OpenEngine,
+    to_record: ToRecord,
+) -> dict[str, Any]:
     plan = S.load_plan(stage_dir)
     if S.sha256_file(input_path) != plan.input_sha256:
         raise S.PlanError(
@@ -180,6 +253,7 @@ def run_shard(
                             ) from e
                         generated += 1
                         tokens += completion.tokens
+                        lease.refresh()
                         bar.update(1)
                     if terminated():
                         log.info(f"shard {shard}: SIGTERM, stopping at a record boundary")
@@ -207,7 +281,7 @@ def run_configured_shard(
 ) -> dict[str, Any]:
     """:func:`run_shard` for a stage config: its run folder, input, selection and seed."""
     logs.setup()  # a job is a fresh process: the same plain-line log as the CLI
-    return run_shard(
+    out = run_shard(
         RunLayout(Path(cfg.run_dir)).stage(stage).dir,
         shard,
         input_path=cfg.input,
@@ -217,6 +291,8 @@ def run_configured_shard(
         open_engine=open_engine,
         to_record=to_record,
     )
+    ignore_late_signals()  # the marker is written: a USR2 now must not fail a finished task
+    return out
 
 
 def set_threads(cfg: ShardedFields) -> None:

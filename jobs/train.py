@@ -67,6 +67,7 @@ class Train(submitit.helpers.Checkpointable):
         out_dir = Path(cfg.out_dir)
         done = finished(cfg.run_dir, out_dir)
         if done is not None:
+            D.ignore_late_signals()
             return {**done, "status": "already complete"}
         log.info(
             f"train: rank {renv.rank}/{renv.world_size} (local {renv.local_rank}) on "
@@ -101,6 +102,7 @@ class Train(submitit.helpers.Checkpointable):
             atomic_write_text(
                 RunLayout(Path(cfg.run_dir)).train_marker, json.dumps(summary, indent=1)
             )
+        D.ignore_late_signals()  # the adapter is saved: a USR2 now must not fail the job
         _shutdown()
         return summary
 

@@ -108,7 +108,9 @@ def sacct_states(ids: list[str]) -> dict[str, str]:
 
 
 def all_job_ids() -> set[str]:
-    """Every job the cluster knows, finished (sacct) or queued (squeue)."""
+    """Every job the cluster knows, finished (sacct) or queued (squeue), by its
+    submission id: an array's tasks fold into one id, so a pending array that
+    starts (``7_[0-2]`` becomes ``7_0``) is not a new job."""
     out = subprocess.run(
         ["sacct", "-a", "-n", "-P", "-X", "-o", "JobID", "-S", "2000-01-01T00:00:00"],
         capture_output=True,
@@ -119,7 +121,7 @@ def all_job_ids() -> set[str]:
     queued = subprocess.run(
         ["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True, timeout=60
     ).stdout
-    return set(out.split()) | set(queued.split())
+    return {job.split("_")[0] for job in out.split() + queued.split()}
 
 
 def submissions(run_dir: Path, stage: str = "generate") -> list[dict[str, Any]]:

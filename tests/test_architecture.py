@@ -26,6 +26,8 @@ FOUNDATION = {
     "hpc.runs",
     "hpc.distributed",
     "hpc.logs",
+    "hpc.locks",
+    "hpc.fingerprint",
 }
 BACKEND_WORDS = re.compile(
     r"""(==|!=)\s*["'](slurm|local)["']|["'](slurm|local)["']\s*(==|!=)"""

@@ -81,6 +81,7 @@ class Spec:
     after: list[Handle]
     inline: bool
     on_submit: Callable[[list[int], list[str]], None] | None
+    after_any: bool = False
 
 
 @dataclass(frozen=True)
@@ -280,14 +281,19 @@ class Backend(abc.ABC):
         after: Sequence[Handle] = (),
         inline: bool = False,
         on_submit: Callable[[list[int], list[str]], None] | None = None,
+        after_any: bool = False,
     ) -> Handle:
         """Run ``calls`` (one array when several) once every handle in ``after`` succeeds.
 
         ``inline`` marks a short step (a merge, a report): a backend may run it in this
         process instead of as a job. ``on_submit(indices, job_ids)`` gets the job ids of each
         group of calls as soon as it is submitted, so that they are recorded before the next.
+        ``after_any`` runs the calls once every handle in ``after`` has ended, however it
+        ended: for a step that checks its inputs itself (a merge reads completion markers,
+        which are the truth; a task can die of a signal after its marker is written).
         """
-        return self._submit(list(calls), Spec(cfg, name, resources, list(after), inline, on_submit))
+        spec = Spec(cfg, name, resources, list(after), inline, on_submit, after_any)
+        return self._submit(list(calls), spec)
 
     @abc.abstractmethod
     def _submit(self, calls: list[Call], spec: Spec) -> Handle:

@@ -1,7 +1,8 @@
 """The local backend: the same calls as processes on this machine (submitit's local executor).
 
 It runs at most ``local_parallelism`` calls at once, meets a dependency by waiting for it (and
-refuses to run after a failed one, as SLURM's ``kill-on-invalid-dep`` does), and gives the jobs
+refuses to run after a failed one, as SLURM's ``kill-on-invalid-dep`` does, unless the step
+checks its own inputs: ``after_any``), and gives the jobs
 their environment through submitit's setup lines: the launcher's own ``os.environ`` is never
 changed. A multi-node shape runs all its processes on this one "node".
 """
@@ -150,13 +151,20 @@ class LocalBackend(Backend):
     def _submit(self, calls: list[Call], spec: Spec) -> Handle:
         cfg, name, resources, after = spec.cfg, spec.name, spec.resources, spec.after
         inline, on_submit = spec.inline, spec.on_submit
+        failed: list[Failure] = []
         for dep in after:
             dep.wait()
-            failed = dep.failures()
-            if failed:
+            failed += dep.failures()
+            if failed and not spec.after_any:
                 raise DependencyFailed(failure_text(name, failed), failed)
         if inline:
-            return DoneHandle([c.fn(*c.args) for c in calls], [c.label for c in calls], fresh=True)
+            try:
+                results = [c.fn(*c.args) for c in calls]
+            except Exception:
+                if failed:  # the step found its inputs incomplete: say which tasks failed, why
+                    raise DependencyFailed(failure_text(name, failed), failed) from None
+                raise
+            return DoneHandle(results, [c.label for c in calls], fresh=True)
         self.layout.logs.mkdir(parents=True, exist_ok=True)
         self.layout.logs.chmod(0o700)  # it holds pickles of configs
         handle = LocalHandle(

@@ -2,7 +2,8 @@
 
 The only module that knows SLURM parameters. It maps a stage's :class:`ClusterFields` onto
 submitit's, submits N calls as one array (several when N exceeds ``MaxArraySize``), chains a
-dependency with ``afterok`` and ``kill-on-invalid-dep``, and reads states with one batched
+dependency with ``afterok`` (``afterany`` for a step that checks its inputs itself) and
+``kill-on-invalid-dep``, and reads states with one batched
 ``sacct`` call. Nothing here builds a shell string: submitit writes the sbatch file with every
 value quoted (``shlex.quote``) and runs ``sbatch FILE`` without a shell; values that could break
 out of an ``#SBATCH`` line (newlines) are refused before submission.
@@ -263,6 +264,7 @@ class SlurmBackend(Backend):
         res: Resources,
         dependency: Sequence[str],
         parallelism: int | None,
+        after_any: bool = False,
     ) -> Any:
         import submitit
 
@@ -296,7 +298,7 @@ class SlurmBackend(Backend):
             params["slurm_array_parallelism"] = parallelism
         if dependency:
             params["slurm_additional_parameters"] = {
-                "dependency": "afterok:" + ":".join(dependency),
+                "dependency": ("afterany:" if after_any else "afterok:") + ":".join(dependency),
                 "kill-on-invalid-dep": "yes",
             }
         if res.nodes * res.tasks_per_node > 1:
@@ -313,13 +315,15 @@ class SlurmBackend(Backend):
         dependency = [d for h in after for d in h.dependency]
         jobs: list[Any] = []
         if len(calls) == 1:
-            ex = self._executor(cfg, name, resources, dependency, None)
+            ex = self._executor(cfg, name, resources, dependency, None, spec.after_any)
             jobs.append(ex.submit(calls[0].fn, *calls[0].args))
             if on_submit:
                 on_submit([0], [str(jobs[0].job_id)])
         else:
             for part in chunks(len(calls), max_array_size()):
-                ex = self._executor(cfg, name, resources, dependency, cfg.array_parallelism)
+                ex = self._executor(
+                    cfg, name, resources, dependency, cfg.array_parallelism, spec.after_any
+                )
                 with ex.batch():
                     new = [ex.submit(calls[i].fn, *calls[i].args) for i in part]
                 jobs += new

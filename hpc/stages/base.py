@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hpc import fingerprint
 from hpc.backends import FAILED_STATES, Backend, Handle
 from hpc.layout import RunLayout
 
@@ -30,6 +31,7 @@ class Stage(abc.ABC):
 
     name: str = ""
     after: tuple[str, ...] = ()
+    _fp: dict[str, Any] | None = None  # the fingerprint, computed once
 
     def __init__(self, layout: RunLayout):
         self.layout = layout
@@ -46,8 +48,35 @@ class Stage(abc.ABC):
             produced: files earlier stages of this command will write; they may not exist yet.
         """
 
+    def fingerprint(self) -> dict[str, Any] | None:
+        """Everything that determines this stage's output (None: nothing to pin)."""
+        return None
+
+    def refuse_changes(self) -> None:
+        """Refuse a relaunch whose settings differ from those pinned in the run folder.
+
+        Reads only: the runner calls it for every stage before any stage writes anything, so a
+        refused launch leaves ``config.yaml``, plans and fingerprints as they were.
+        """
+        fp = self.fingerprint()
+        if fp is not None:
+            fingerprint.check(self.layout.stage(self.name).dir, fp)
+
     def plan(self) -> None:  # noqa: B027 - optional hook
         """Write what must exist before any job starts (plan.json, the resolved config)."""
+
+    def pin(self) -> None:
+        """Write the stage's fingerprint once (a later launch is checked against it)."""
+        fp = self.fingerprint()
+        if fp is not None:
+            fingerprint.pin(self.layout.stage(self.name).dir, fp)
+
+    def in_run(self, path: str | Path | None) -> bool:
+        """True when ``path`` lies in this run folder: an earlier stage's output, which that
+        stage's own fingerprint pins (it may not exist yet when this stage is planned)."""
+        if not path:
+            return False
+        return Path(path).resolve().is_relative_to(self.layout.root.resolve())
 
     @abc.abstractmethod
     def is_complete(self) -> bool:

@@ -71,6 +71,8 @@ def run_stages(
             checked.append(cfg)
     out = Outcome(backend)
     with runs.run_lock(layout.root):
+        for st in stages:  # every check before any write: a refusal changes nothing on disk
+            st.refuse_changes()
         for st in stages:
             st.plan()
         for st in stages:

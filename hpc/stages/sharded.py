@@ -4,7 +4,8 @@
 2. Write the plan once, or refuse a relaunch with another input or shard count.
 3. Submit only the shards with no marker and no live job, as one array per ``MaxArraySize``,
    recording each array in ``launch.json`` as soon as it is submitted.
-4. Merge after the shards: a dependent job, or in the launcher where the backend allows it.
+4. Merge after the shards have ended (``afterany``: the merge checks the completion markers
+   itself, which are the truth), as a dependent job or in the launcher where the backend allows.
 """
 
 from __future__ import annotations
@@ -128,12 +129,50 @@ class ShardedStage(Stage):
             raise ConfigError(f"{cfg.input}: --keep correct needs an `answer` field in the input")
         self._ids = [r["id"] for r in records]
 
-    def plan(self) -> None:
+    def _new_plan(self) -> S.Plan:
         cfg = self.cfg
         selection = {"start_index": cfg.start_index, "num_samples": cfg.num_samples}
-        plan = S.make_plan(cfg.input, self._ids, cfg.shards, self.samples, selection)
-        self._plan = S.write_or_check_plan(self.dir.dir, plan)
-        C.save_resolved(self.layout.root, self.name, cfg)
+        return S.make_plan(cfg.input, self._ids, cfg.shards, self.samples, selection)
+
+    def model_fields(self) -> dict[str, Any]:
+        """The models of the stage, fingerprinted (overridden per stage)."""
+        return {}
+
+    def fingerprint(self) -> dict[str, Any]:
+        if self._fp is None:
+            cfg = self.cfg
+            engine: dict[str, Any] = {
+                "engine": cfg.engine,
+                "prompt_format": cfg.prompt_format,
+                "quant": cfg.quant,
+            }
+            if cfg.engine == "server":
+                engine.update(
+                    server=cfg.server, server_command=cfg.server_command, server_url=cfg.server_url
+                )
+            self._fp = {
+                "stage": self.name,
+                **self.model_fields(),
+                "engine": engine,
+                "decoding": {
+                    "max_new_tokens": cfg.max_new_tokens,
+                    "temperature": float(getattr(cfg, "temperature", 0.0)),
+                    "top_p": float(getattr(cfg, "top_p", 1.0)),
+                    "seed": cfg.seed,
+                    "samples": self.samples,
+                },
+                "keep": self.keep,
+            }
+        return self._fp
+
+    def refuse_changes(self) -> None:
+        super().refuse_changes()
+        S.check_plan(self.dir.dir, self._new_plan())
+
+    def plan(self) -> None:
+        self._plan = S.write_or_check_plan(self.dir.dir, self._new_plan())
+        self.pin()
+        C.save_resolved(self.layout.root, self.name, self.cfg)
 
     # ------------------------------------------------------------------ state
     @property
@@ -215,6 +254,10 @@ class ShardedStage(Stage):
                 after=deps,
                 inline=True,
                 on_submit=lambda _, ids: record.update(merge=ids[0]),
+                # The merge checks every marker itself and names what is missing: a task that
+                # dies after its marker (a signal while the interpreter exits, an OOM kill at
+                # teardown) leaves a complete shard, and must not cancel the merge.
+                after_any=True,
             )
         except DependencyFailed as e:
             raise StageFailed(failure_text(name, e.failures)) from None
@@ -346,6 +389,14 @@ class GenerateStage(ShardedStage):
         )
         self.gen = cfg
 
+    def model_fields(self) -> dict[str, Any]:
+        from hpc import fingerprint
+
+        return {
+            "teacher": fingerprint.model(self.gen.teacher),
+            "prompt_template": fingerprint.text_file(self.gen.prompt_template),
+        }
+
     def check_models(self, produced: set[Path]) -> None:
         from cot.models import check_model_dir, check_remote_code
         from cot.prompts import load_template
@@ -370,6 +421,20 @@ class EvaluateStage(ShardedStage):
 
         super().__init__(cfg, worker or EvaluateShard(), name=name)
         self.ev, self.after = cfg, after
+
+    def model_fields(self) -> dict[str, Any]:
+        from hpc import fingerprint
+
+        lora = self.ev.lora_model
+        return {
+            "base_model": fingerprint.model(self.ev.base_model),
+            # An adapter this run trains is pinned by the train stage's own fingerprint.
+            "adapter": (
+                {"path": str(lora), "from": "this run folder"}
+                if self.in_run(lora)
+                else fingerprint.model(lora, full_weights=True)
+            ),
+        }
 
     def check_models(self, produced: set[Path]) -> None:
         from cot.models import check_adapter_dir, check_model_dir, check_remote_code

@@ -89,11 +89,43 @@ class TrainStage(Stage):
         if check:
             log.info(f"train: {n} training records in {data}")
 
+    def fingerprint(self) -> dict[str, Any]:
+        if self._fp is None:
+            from hpc import fingerprint
+
+            cfg = self.cfg
+            data = str(cfg.data)
+            hyper = {
+                k: getattr(cfg, k)
+                for k in (
+                    "epochs", "max_steps", "lr", "per_device_train_batch_size",
+                    "gradient_accumulation_steps", "r", "lora_alpha", "lora_dropout",
+                    "max_length", "overlong", "optim", "quant", "seed",
+                )
+            }  # fmt: skip
+            self._fp = {
+                "stage": self.name,
+                "student": fingerprint.model(cfg.student),
+                # Data this run generates is pinned by the generate stage's fingerprint.
+                "data": (
+                    {"path": data, "from": "this run folder"}
+                    if self.in_run(data)
+                    else {"path": data, "sha256": fingerprint.text_file(data)}
+                    if Path(data).exists()
+                    else {"path": data}
+                ),
+                "deepspeed": fingerprint.text_file(cfg.deepspeed),
+                "out_dir": str(cfg.out_dir),
+                "hyperparameters": hyper,
+            }
+        return self._fp
+
     def plan(self) -> None:
         import yaml
 
         from cot.records import atomic_write_text
 
+        self.pin()
         C.save_resolved(self.layout.root, self.name, self.cfg)
         self.out.dir.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(C.to_dict(self.cfg), sort_keys=False)

@@ -197,6 +197,38 @@ def test_local_failure_names_the_exception_not_the_log_paths(tmp_path: Path) -> 
     assert handle.state() == "FAILED"
 
 
+def _merge_ok() -> str:
+    return "merged"
+
+
+def _merge_missing() -> str:
+    raise RuntimeError("cannot merge, 1 of 2 shards are not complete")
+
+
+def test_local_after_any_runs_the_step_and_names_failures_only_when_it_fails(
+    tmp_path: Path,
+) -> None:
+    from hpc.backends import Call, DependencyFailed
+    from hpc.backends.local import LocalBackend
+    from hpc.config import ClusterFields
+
+    backend, cfg = LocalBackend(RunLayout(tmp_path)), ClusterFields(time_min=1)
+    shards = backend.submit([Call(_bad_shard, (), "shard 00001")], cfg=cfg, name="x")
+    ok = backend.submit(
+        [Call(_merge_ok, (), "merge")], cfg=cfg, name="x", after=[shards], inline=True,
+        after_any=True,
+    )  # fmt: skip
+    assert ok.results() == ["merged"]  # the step checks its inputs; a failed task is no veto
+    with pytest.raises(DependencyFailed, match="shard 00001: ValueError") as e:
+        backend.submit(
+            [Call(_merge_missing, (), "merge")], cfg=cfg, name="x", after=[shards], inline=True,
+            after_any=True,
+        )  # fmt: skip
+    assert [f.label for f in e.value.failures] == ["shard 00001"]
+    with pytest.raises(DependencyFailed):  # without after_any a failed task stops the step
+        backend.submit([Call(_merge_ok, (), "merge")], cfg=cfg, name="x", after=[shards])
+
+
 def test_failure_line_of_plain_text() -> None:
     assert failure_line("plain error") == "plain error"
     assert failure_line("") == "failed"
@@ -250,6 +282,7 @@ def test_every_stage_limit_is_checked_once(tmp_path: Path) -> None:
         def outputs(self) -> list[Path]:
             return []
 
+        def refuse_changes(self) -> None: ...
         def plan(self) -> None: ...
         def submit(self, backend: object, after: object) -> object:
             from hpc.backends import DoneHandle

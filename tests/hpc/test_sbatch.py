@@ -123,6 +123,17 @@ def test_signal_time_requeue_and_dependency_lines(fake_sbatch: Path, tmp_path: P
     assert not any("dependency" in ln for ln in array)
 
 
+def test_after_any_depends_on_the_end_of_the_tasks_not_their_success(
+    fake_sbatch: Path, tmp_path: Path
+) -> None:
+    backend = SlurmBackend(RunLayout(tmp_path / "run"))
+    cfg = ClusterFields(run_dir=str(tmp_path / "run"), time_min=60)
+    first = backend.submit([Call(_noop, (), "a"), Call(_noop, (), "b")], cfg=cfg, name="x")
+    backend.submit([Call(_noop, (), "merge")], cfg=cfg, name="x", after=[first], after_any=True)
+    _, merge = _scripts(fake_sbatch)
+    assert f"#SBATCH --dependency=afterany:{first.job_ids[0].split('_')[0]}" in merge
+
+
 def test_multi_node_shape(fake_sbatch: Path, tmp_path: Path) -> None:
     backend = SlurmBackend(RunLayout(tmp_path / "run"))
     cfg = ClusterFields(run_dir=str(tmp_path / "run"))

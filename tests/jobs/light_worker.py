@@ -12,6 +12,7 @@ exactly as ``python -m hpc.launch generate`` launches the real worker (same run 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -75,6 +76,34 @@ class SlowLightShard(LightShard):
 
     def __init__(self, sleep_s: float) -> None:
         self.sleep_s = sleep_s
+
+
+class LingeringLightShard(LightShard):
+    """:class:`LightShard` that stays alive ``linger_s`` seconds after it marked its shard
+    complete (the window in which a preemption signal finds a task whose work is done)."""
+
+    def __init__(self, linger_s: float) -> None:
+        self.linger_s = linger_s
+
+    def __call__(self, cfg: GenerateConfig, shard: int, stage: str = "generate") -> dict[str, Any]:
+        out = super().__call__(cfg, shard, stage)
+        if out["status"] == "complete":
+            time.sleep(self.linger_s)
+        return out
+
+
+class DyingLightShard(LightShard):
+    """:class:`LightShard` whose first attempt at shard ``shard`` dies (exit 3, no result)
+    right after it marked the shard complete: a task that fails once its work is done."""
+
+    def __init__(self, shard: int) -> None:
+        self.dies = shard
+
+    def __call__(self, cfg: GenerateConfig, shard: int, stage: str = "generate") -> dict[str, Any]:
+        out = super().__call__(cfg, shard, stage)
+        if shard == self.dies and out["status"] == "complete":
+            os._exit(3)
+        return out
 
 
 class LightStage(GenerateStage):
