@@ -88,8 +88,8 @@ def model(path: str | Path | None, *, full_weights: bool = False) -> dict[str, A
 
 def text_file(path: str | Path | None) -> str | None:
     """sha256 of a file's bytes (a prompt template, a DeepSpeed config, a data file)."""
-    if path is None or str(path) == "":
-        return None
+    if path is None or str(path) == "" or not Path(path).is_file():
+        return None  # validation has already refused a file that a stage needs
     return _file_sha(Path(path))
 
 

@@ -144,8 +144,10 @@ class FileLock:
             self._excl()
         if self.kind not in _said:
             _said.add(self.kind)
-            why = "" if self.kind == "flock" else " (this file system has no flock)"
-            log.info(f"locks: {self.kind}{why}")
+            if self.kind == "flock":
+                log.debug("locks: flock")
+            else:
+                log.info(f"locks: {self.kind} (this file system has no flock)")
         return self
 
     def refresh(self) -> None:
