@@ -22,6 +22,7 @@ from typing import Any
 
 from cot.records import atomic_write_text
 from hpc.errors import PlanError
+from hpc.shards import sha256_file
 
 FILE = "fingerprint.json"
 # Small files of a model folder that change what it computes.
@@ -41,14 +42,6 @@ MODEL_FILES = (
 def sha256_bytes(data: bytes) -> str:
     """Hex sha256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
-
-
-def _file_sha(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _safetensors_header(path: Path) -> str:
@@ -80,9 +73,9 @@ def model(path: str | Path | None, *, full_weights: bool = False) -> dict[str, A
     for name in MODEL_FILES:
         p = folder / name
         if p.is_file():
-            files[name] = _file_sha(p)
+            files[name] = sha256_file(p)
     for p in sorted(folder.glob("*.safetensors")):
-        files[p.name] = _file_sha(p) if full_weights else _safetensors_header(p)
+        files[p.name] = sha256_file(p) if full_weights else _safetensors_header(p)
     return {"path": str(folder.resolve()), "files": files}
 
 
@@ -90,7 +83,7 @@ def text_file(path: str | Path | None) -> str | None:
     """sha256 of a file's bytes (a prompt template, a DeepSpeed config, a data file)."""
     if path is None or str(path) == "" or not Path(path).is_file():
         return None  # validation has already refused a file that a stage needs
-    return _file_sha(Path(path))
+    return sha256_file(Path(path))
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
