@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,24 +38,27 @@ def make_synthetic(stage_dir: Path, gb: float, shards: int, record_bytes: int = 
         lo, hi = plan.ranges[shard]
         path = S.shard_path(stage_dir, shard)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.writelines(
-                json.dumps(
-                    {
-                        "id": ids[k],
-                        "sample": 0,
-                        "category": "arithmetic",
-                        "cot": pad,
-                        "teacher_answer": str(k),
-                        "correct": k % 2 == 0,
-                    }
-                )
-                + "\n"
-                for k in range(lo, hi)
+        data = "".join(
+            json.dumps(
+                {
+                    "id": ids[k],
+                    "sample": 0,
+                    "category": "arithmetic",
+                    "cot": pad,
+                    "teacher_answer": str(k),
+                    "correct": k % 2 == 0,
+                }
             )
-        marker = S.marker_path(stage_dir, shard)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text("{}")
+            + "\n"
+            for k in range(lo, hi)
+        ).encode()
+        path.write_bytes(data)
+        # The marker finish_shard writes: the merge verifies the byte count and crc32.
+        S.write_marker(
+            stage_dir,
+            shard,
+            {"records": hi - lo, "errors": 0, "bytes": len(data), "crc32": zlib.crc32(data)},
+        )
     return n
 
 

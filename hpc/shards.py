@@ -7,9 +7,11 @@ Protocol (shared by ``generate`` and ``evaluate``):
 * A task appends finished records to ``shards/00003.jsonl`` (one write + fsync per batch).
   On start it truncates a torn last line and skips the keys already there.
 * When every assigned key is present, the shard is rewritten in plan order (atomically) and only
-  then ``completions/00003`` is created. A marker therefore always means a complete shard.
-* The merge streams the shards in plan order, checks every key once, and renames a fsync'd temp
-  file into place. Memory stays constant whatever the size of the shards: a few 8 MB blocks.
+  then ``completions/00003`` is created, holding the record count and the file's byte count
+  and crc32. A marker therefore always means a complete shard, and seals its bytes.
+* The merge streams the shards in plan order, checks every key once and each shard's bytes
+  against its marker, and renames a fsync'd temp file into place. Memory stays constant
+  whatever the size of the shards: a few 8 MB blocks.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import queue
 import re
 import threading
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,21 +206,25 @@ def finish_shard(stage_dir: Path, plan: Plan, shard: int) -> int:
     """Check the shard holds every key, rewrite it in plan order, then write the marker.
 
     Returns the number of records. Raises PlanError when keys are missing (nothing is marked).
-    The marker holds the record count and how many are error records.
+    The marker holds the record count, how many are error records, and the rewritten file's
+    byte count and crc32, which the merge verifies.
     """
     path = shard_path(stage_dir, shard)
     wanted = plan.keys(shard)
-    by_key: dict[Key, str] = {}
+    by_key: dict[Key, bytes] = {}
     errors: set[Key] = set()
     if path.exists():
-        with open(path, encoding="utf-8") as fh:
+        with open(path, "rb") as fh:
             for lineno, line in enumerate(fh, start=1):
-                if not line.endswith("\n"):
+                if not line.endswith(b"\n"):
                     # A whole JSON object without its newline: the merge would glue the next
                     # shard's first record onto it. Never mark such a shard complete.
                     raise PlanError(f"{path}:{lineno}: last line has no newline (torn write)")
-                rec = json.loads(line)
-                key = record_key(rec)
+                try:
+                    rec = json.loads(line)
+                    key = record_key(rec)
+                except (ValueError, KeyError, TypeError, AttributeError) as err:
+                    raise PlanError(f"{path}:{lineno}: not a valid JSON record ({err})") from None
                 if key not in by_key:
                     by_key[key] = line
                     if rec.get("error") is not None:
@@ -227,26 +234,74 @@ def finish_shard(stage_dir: Path, plan: Plan, shard: int) -> int:
         raise PlanError(
             f"{path}: shard {shard} is missing {len(missing)} records, e.g. {missing[0]}"
         )
-    with atomic_open(path) as out:
+    size = crc = 0
+    with atomic_open(path, "wb") as out:
         for k in wanted:
-            out.write(by_key[k])
+            line = by_key[k]
+            out.write(line)
+            size += len(line)
+            crc = zlib.crc32(line, crc)
+    # Error records (a prompt the engine refused, with its reason) are counted for the merge.
+    write_marker(
+        stage_dir,
+        shard,
+        {"records": len(wanted), "errors": len(errors & set(wanted)), "bytes": size, "crc32": crc},
+    )
+    return len(wanted)
+
+
+def write_marker(stage_dir: Path, shard: int, fields: dict[str, Any]) -> None:
+    """Create ``completions/NNNNN`` with ``O_EXCL``, fsync'd: of two writers of one shard, only
+    one may ever mark it complete."""
     marker = marker_path(stage_dir, shard)
     marker.parent.mkdir(parents=True, exist_ok=True)
-    try:  # O_EXCL: of two writers of one shard, only one may ever mark it complete
+    try:
         fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
         raise PlanError(f"{marker}: shard {shard} is already marked complete") from None
     with os.fdopen(fd, "w") as fh:
-        # Error records (a prompt the engine refused, with its reason) are counted for the merge.
-        fh.write(json.dumps({"records": len(wanted), "errors": len(errors & set(wanted))}))
+        fh.write(json.dumps(fields))
         fh.flush()
         os.fsync(fh.fileno())
     fsync_dir(marker.parent)
-    return len(wanted)
+
+
+def read_marker(stage_dir: Path, shard: int) -> dict[str, Any]:
+    """A marker's fields; ``{}`` for an unreadable one (markers of older versions hold less)."""
+    try:
+        fields = json.loads(marker_path(stage_dir, shard).read_text())
+    except (OSError, ValueError):
+        return {}
+    return fields if isinstance(fields, dict) else {}
+
+
+def _sealed(marker: dict[str, Any]) -> tuple[int, int] | None:
+    """(bytes, crc32) the marker recorded at finish time, or None for an older marker."""
+    size, crc = marker.get("bytes"), marker.get("crc32")
+    if type(size) is int and type(crc) is int:
+        return size, crc
+    return None
+
+
+def _changed(path: Path, shard: int, found: tuple[int, int], sealed: tuple[int, int]) -> PlanError:
+    """The error for a shard whose bytes differ from its marker; names the first bad line when
+    one does not parse (the slow scan runs only on this failure path)."""
+    with open(path, "rb") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            try:
+                record_key(json.loads(line))
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                return PlanError(f"{path}:{lineno}: not a valid JSON record ({err})")
+    return PlanError(
+        f"{path}: changed after it was marked complete ({found[0]} bytes, crc32 {found[1]:08x}; "
+        f"its marker says {sealed[0]} bytes, crc32 {sealed[1]:08x}). Remove it and "
+        f"completions/{shard_name(shard)}, then relaunch the same command to redo this shard"
+    )
 
 
 def iter_merged(stage_dir: Path, plan: Plan) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Stream (line, record) of every shard in plan order, checking each key once and in order.
+    """Stream (line, record) of every shard in plan order, checking each key once and in order,
+    and each shard's bytes against its marker.
 
     Raises:
         PlanError: listing shards without a marker, or naming a key out of place.
@@ -255,17 +310,26 @@ def iter_merged(stage_dir: Path, plan: Plan) -> Iterator[tuple[str, dict[str, An
     for shard in range(plan.shards):
         expected = iter(plan.keys(shard))
         path = shard_path(stage_dir, shard)
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                rec = json.loads(line)
-                key = record_key(rec)
+        sealed = _sealed(read_marker(stage_dir, shard))
+        size = crc = 0
+        with open(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                size += len(raw)
+                crc = zlib.crc32(raw, crc)
+                try:
+                    rec = json.loads(raw)
+                    key = record_key(rec)
+                except (ValueError, KeyError, TypeError, AttributeError) as err:
+                    raise PlanError(f"{path}:{lineno}: not a valid JSON record ({err})") from None
                 want = next(expected, None)
                 if key != want:
                     raise PlanError(f"{path}:{lineno}: expected record {want}, found {key}")
-                yield line, rec
+                yield raw.decode("utf-8"), rec
         left = next(expected, None)
         if left is not None:
             raise PlanError(f"{path}: shard {shard} ends before record {left}")
+        if sealed is not None and (size, crc) != sealed:
+            raise _changed(path, shard, (size, crc), sealed)
 
 
 def _check_markers(stage_dir: Path, plan: Plan) -> None:
@@ -381,16 +445,25 @@ def _merge_fast(stage_dir: Path, plan: Plan, out: IO[bytes]) -> int:
 def _merge_shard(stage_dir: Path, plan: Plan, shard: int, writer: _BlockWriter) -> int:
     path = shard_path(stage_dir, shard)
     want = _line_prefixes(plan, shard)
+    # A marker written by this version seals the shard's byte count and crc32: the prefixes
+    # check the keys, the checksum everything else. An older marker gets every line parsed.
+    sealed = _sealed(read_marker(stage_dir, shard))
     keys: list[Key] | None = None  # built only if a block needs the slow path
-    pos = 0
+    pos = size = crc = 0
     with open(path, "rb") as fh:
         rest = b""
         while block := fh.read(_BLOCK):
+            size += len(block)
+            crc = zlib.crc32(block, crc)
             data = rest + block if rest else block
             lines = data.split(b"\n")
             rest = lines.pop()  # the partial line carried into the next block
             n = len(lines)
-            if n > len(want) - pos or not all(map(bytes.startswith, lines, want[pos : pos + n])):
+            if (
+                sealed is None
+                or n > len(want) - pos
+                or not all(map(bytes.startswith, lines, want[pos : pos + n]))
+            ):
                 keys = keys if keys is not None else plan.keys(shard)
                 _check_lines(path, pos, lines, keys)
             if n:  # a line longer than a block just carries on into the next one
@@ -398,6 +471,8 @@ def _merge_shard(stage_dir: Path, plan: Plan, shard: int, writer: _BlockWriter) 
             pos += n
         if rest:
             raise PlanError(f"{path}:{pos + 1}: torn last line in a complete shard")
+    if sealed is not None and (size, crc) != sealed:
+        raise _changed(path, shard, (size, crc), sealed)
     if pos != len(want):
         raise PlanError(f"{path}: shard {shard} ends before record {plan.keys(shard)[pos]}")
     return pos
@@ -450,10 +525,8 @@ def marked_errors(stage_dir: Path, plan: Plan) -> int:
     """Error records over every complete shard, as their markers count them."""
     n = 0
     for shard in range(plan.shards):
-        try:
-            n += int(json.loads(marker_path(stage_dir, shard).read_text()).get("errors", 0))
-        except (OSError, ValueError, AttributeError):
-            continue
+        errors = read_marker(stage_dir, shard).get("errors", 0)
+        n += errors if type(errors) is int else 0
     return n
 
 

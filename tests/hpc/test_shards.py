@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import threading
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -199,9 +200,12 @@ def test_finish_reorders_drops_duplicates_then_marks(tmp_path: Path) -> None:
     lines = path.read_text().splitlines()
     assert [S.record_key(json.loads(x)) for x in lines] == keys
     assert S.marker_path(stage_dir, 1).exists()
+    data = path.read_bytes()
     assert json.loads(S.marker_path(stage_dir, 1).read_text()) == {
         "records": len(keys),
         "errors": 0,
+        "bytes": len(data),
+        "crc32": zlib.crc32(data),
     }
     assert S.completed(stage_dir) == {1}
     assert S.incomplete(stage_dir, plan) == [0]
@@ -461,6 +465,63 @@ def test_error_records_are_counted_in_the_marker_and_the_merge(tmp_path: Path) -
             recs.append(recs[0])
         path.write_text("".join(_line(r) for r in recs))
         S.finish_shard(stage_dir, plan, shard)
-    assert json.loads(S.marker_path(stage_dir, 1).read_text()) == {"records": 3, "errors": 1}
+    marker = json.loads(S.marker_path(stage_dir, 1).read_text())
+    assert (marker["records"], marker["errors"]) == (3, 1)
     counts = S.write_merged(stage_dir, plan, [])
     assert (counts["total"], counts["errors"]) == (6, 1)
+
+
+# ------------------------------------------------------------- a shard changed after its marker
+
+
+@pytest.mark.parametrize(
+    "fault",
+    ["garbage_tail", "same_length_edit", "appended_line", "truncated_line", "reordered_bytes"],
+)
+def test_merge_refuses_a_shard_changed_after_its_marker(tmp_path: Path, fault: str) -> None:
+    """The fast merge checks only where each line starts; the marker's byte count and crc32
+    (taken when the shard was finished) catch a change anywhere else, named by file and line."""
+    stage_dir, plan = _stage(tmp_path, 9, 3)
+    for shard in range(plan.shards):
+        path = S.shard_path(stage_dir, shard)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(dumps(_rec(rid, s)) + "\n" for rid, s in plan.keys(shard)))
+        S.finish_shard(stage_dir, plan, shard)
+    path = S.shard_path(stage_dir, 1)
+    lines = path.read_bytes().splitlines(keepends=True)
+    rid = plan.keys(1)[1][0]
+    if fault == "garbage_tail":  # the issue's example: the key is right, the rest is not JSON
+        lines[1] = b'{"id": "%s", "sample": 0, GARBAGE\n' % rid.encode()
+        where = r"00001\.jsonl:2: not a valid JSON record"
+    elif fault == "same_length_edit":  # valid JSON, same size: only the checksum sees it
+        lines[1] = lines[1].replace(b"text of", b"TEXT OF")
+        where = r"00001\.jsonl: changed after it was marked complete"
+    elif fault == "appended_line":
+        lines.append(lines[-1])
+        where = r"00001\.jsonl"
+    elif fault == "truncated_line":
+        lines[2] = lines[2][:-5] + b"\n"
+        where = r"00001\.jsonl:3: not a valid JSON record"
+    else:
+        lines[0] = lines[0].replace(b"text of", b"etxt of")  # two bytes swapped
+        where = r"00001\.jsonl: changed after it was marked complete"
+    path.write_bytes(b"".join(lines))
+    (stage_dir / "merged.jsonl").write_text("old\n")
+    with pytest.raises(S.PlanError, match=where):
+        S.write_merged(stage_dir, plan, [])
+    assert (stage_dir / "merged.jsonl").read_text() == "old\n"  # nothing replaced
+
+
+def test_merge_of_an_older_marker_without_checksum_parses_every_line(tmp_path: Path) -> None:
+    """A marker written before byte counts existed is still merged, with every line parsed."""
+    stage_dir, plan = _stage(tmp_path, 6, 2)
+    _complete_all(stage_dir, plan)
+    for shard in range(plan.shards):
+        S.marker_path(stage_dir, shard).write_text(json.dumps({"records": 3, "errors": 0}))
+    assert S.write_merged(stage_dir, plan, [])["total"] == 6
+    path = S.shard_path(stage_dir, 0)
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1][:30] + b" GARBAGE\n"
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(S.PlanError, match=r"00000\.jsonl:2: not a valid JSON record"):
+        S.write_merged(stage_dir, plan, [])
