@@ -409,6 +409,14 @@ def load_config(
             for key, value in sec_values.items():
                 where = f"{path}:{lines[key]}: {stage}.{key}"
                 values[key] = coerce(cls, key, value, where)
+                # A file (shared, copied from a run folder, edited by someone else) never runs
+                # a model folder's code on its own: that takes the flag, each time.
+                flagged = (overrides or {}).get("trust_remote_code") is True
+                if key == "trust_remote_code" and values[key] is True and not flagged:
+                    raise ConfigError(
+                        f"{where}: true runs Python code shipped in the model folder; a "
+                        "config file cannot turn it on alone, give --trust-remote-code too"
+                    )
     for key, value in (overrides or {}).items():
         values[key] = coerce(cls, key, value, f"command line: --{key.replace('_', '-')}")
     return cls(**values)

@@ -137,6 +137,8 @@ def cmd_pipeline(ns: argparse.Namespace) -> int:
     from hpc.pipeline import parse_sets, resolve, run_pipeline
 
     common = overrides(ns, C.ClusterFields)
+    if hasattr(ns, "trust_remote_code"):  # applies to every stage that loads a model
+        common["trust_remote_code"] = ns.trust_remote_code
     return run_pipeline(resolve(ns.config, parse_sets(ns.set or []), common))
 
 
@@ -217,6 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_flag(p)
     _add_dataclass_flags(p, C.ClusterFields)
+    p.add_argument(
+        "--trust-remote-code",
+        "--trust_remote_code",
+        dest="trust_remote_code",
+        action=argparse.BooleanOptionalAction,
+        default=argparse.SUPPRESS,
+        help="allow model code shipped in the model folders, for every stage (a config file "
+        "cannot turn it on alone)",
+    )
     p.add_argument("--set", action="append", metavar="STAGE.KEY=VALUE", help="per-stage override")
     p = sub.add_parser("merge", help="merge a stage's completed shards (checks every record)")
     p.add_argument("run_dir", metavar="RUN_DIR")

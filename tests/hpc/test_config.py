@@ -129,7 +129,10 @@ def test_templates_load_cleanly() -> None:
         if "accelerate" in path.name:
             continue
         for stage, cls in C.STAGES.items():
-            C.load_config(cls, stage, path)
+            flags = {"trust_remote_code": True} if "trust_remote_code: true" in text else {}
+            C.load_config(
+                cls, stage, path, flags if "trust_remote_code" in C.fields_of(cls) else {}
+            )
 
 
 @pytest.mark.parametrize(
@@ -198,3 +201,29 @@ def test_path_fields_are_declared_once_and_resolved_in_one_place(
     ev, gen = C.fields_of(C.EvaluateConfig), C.fields_of(C.GenerateConfig)
     assert dict(ev["input"].metadata) == dict(gen["input"].metadata)
     assert ev["max_new_tokens"].default == 256 and gen["max_new_tokens"].default == 512
+
+
+@pytest.mark.parametrize("section", ["generate", "train", "evaluate"])
+def test_trust_remote_code_in_a_file_needs_the_flag(tmp_path: Path, section: str) -> None:
+    """A config file alone can never turn on code from a model folder: it takes the flag."""
+    cls = C.STAGES[section]
+    p = write(tmp_path, f"cluster:\n  partition: debug\n{section}:\n  trust_remote_code: true\n")
+    with pytest.raises(C.ConfigError) as e:
+        C.load_config(cls, section, p)
+    msg = str(e.value)
+    assert f"{p}:4: {section}.trust_remote_code" in msg and "--trust-remote-code" in msg
+    assert C.load_config(cls, section, p, {"trust_remote_code": True}).trust_remote_code is True
+    off = write(tmp_path, f"{section}:\n  trust_remote_code: false\n")
+    assert C.load_config(cls, section, off).trust_remote_code is False
+
+
+@pytest.mark.parametrize("command", ["generate", "pipeline"])
+def test_trust_remote_code_from_a_file_exits_2_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    p = write(tmp_path, "generate:\n  shards: 2\n  trust_remote_code: yes\n")
+    run = tmp_path / "run"
+    assert main([command, "--config", str(p), "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{p}:3: generate.trust_remote_code" in err and "--trust-remote-code" in err
+    assert not run.exists()
