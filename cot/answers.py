@@ -6,9 +6,15 @@ generations against the gold answers of the synthetic dataset (see ``cot.dataset
 
 import math
 import re
+import sys
 from fractions import Fraction
 
-__all__ = ["answers_match", "extract_final_answer"]
+__all__ = ["MAX_DIGITS", "answers_match", "extract_final_answer", "too_many_digits"]
+
+# Python refuses to read an int of more than ``sys.get_int_max_str_digits()`` digits (4300 by
+# default). Answers with more digits than this are compared as text, never parsed: a model that
+# writes 5000 nines must not crash scoring. Gold answers past it are refused when read.
+MAX_DIGITS = min(4000, sys.get_int_max_str_digits() or 4000)
 
 # One alternation so that ``search`` returns the leftmost marker; at a shared start position
 # the earlier alternative wins, which keeps "Final Answer:" ahead of the bare "Answer:" inside it.
@@ -183,6 +189,21 @@ def _parse_value(text: str) -> _Value | None:
     return None
 
 
+def too_many_digits(text: str) -> bool:
+    """Whether ``text`` holds more digits than an answer may be parsed with (``MAX_DIGITS``)."""
+    return len(text) > MAX_DIGITS and sum(map(str.isdigit, text)) > MAX_DIGITS
+
+
+def _value_of(text: str) -> _Value | None:
+    """``_parse_value``, or None for text with more digits than int() may read."""
+    if too_many_digits(text):
+        return None
+    try:
+        return _parse_value(text)
+    except (ValueError, ZeroDivisionError, OverflowError):  # never let model output crash scoring
+        return None
+
+
 def _canonical_text(text: str) -> str:
     """Case- and whitespace-insensitive form used when an answer is not numeric."""
     return " ".join(text.split()).casefold()
@@ -211,8 +232,8 @@ def answers_match(pred: str | None, gold: str) -> bool:
         return False
     gold_text = _normalise(gold)
 
-    pred_value = _parse_value(pred_text)
-    gold_value = _parse_value(gold_text)
+    pred_value = _value_of(pred_text)
+    gold_value = _value_of(gold_text)
     if pred_value is not None and gold_value is not None:
         # Both sides numeric: types must agree so a ratio never equals a plain number.
         if isinstance(pred_value, Fraction) != isinstance(gold_value, Fraction):

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from cot.records import atomic_write_text, iter_jsonl
+from cot.records import atomic_open, atomic_write_text, iter_jsonl
 
 # An explicit answer marker; the last-number fallback of extract_final_answer does not count as
 # following the format.
@@ -55,6 +55,11 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _cell(text: str) -> str:
+    """A category as one Markdown table cell: a pipe or a line break would split the row."""
+    return " ".join(text.replace("|", "\\|").split())
+
+
 def render_markdown(scores: dict[str, Any], base: dict[str, Any] | None, title: str) -> str:
     """The report as Markdown: overall line, per-category table, and the base comparison."""
     o = scores["overall"]
@@ -76,7 +81,9 @@ def render_markdown(scores: dict[str, Any], base: dict[str, Any] | None, title: 
     lines += ["", "| category | n | accuracy | format |" + (" base acc | Δ acc |" if base else "")]
     lines.append("|---|---:|---:|---:|" + ("---:|---:|" if base else ""))
     for cat, r in scores["per_category"].items():
-        row = f"| {cat} | {r['n']} | {_pct(r['accuracy'])} | {_pct(r['format_compliance'])} |"
+        row = (
+            f"| {_cell(cat)} | {r['n']} | {_pct(r['accuracy'])} | {_pct(r['format_compliance'])} |"
+        )
         if base:
             br = base["per_category"].get(cat, {"accuracy": 0.0})
             row += f" {_pct(br['accuracy'])} | {100 * (r['accuracy'] - br['accuracy']):+.1f} |"
@@ -109,16 +116,17 @@ def plot(scores: dict[str, Any], base: dict[str, Any] | None, path: Path) -> Non
             label="base student",
         )
         ax.legend()
-    ax.set_xticks(list(xs), cats, rotation=20)
+    # Categories are user text: "$\frac{$" is not mathtext to render (it would raise).
+    ax.set_xticks(list(xs), [" ".join(c.split()) for c in cats], rotation=20, parse_math=False)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
     ax.set_title("Accuracy by category")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_open(path, "wb") as fh:
+            fig.savefig(fh, dpi=100, format="png")
+    finally:
+        plt.close(fig)
 
 
 def write_report(

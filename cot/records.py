@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from cot.answers import MAX_DIGITS, too_many_digits
 from cot.errors import InputError
 
 
@@ -240,6 +241,14 @@ def read_questions(
         rec["id"] = rid
         if "answer" in rec:
             rec["answer"] = str(rec["answer"])
+            if too_many_digits(rec["answer"]):
+                raise RecordError(
+                    path,
+                    lineno,
+                    f"has more than {MAX_DIGITS} digits; gold answers are compared as exact "
+                    "numbers, which Python reads only up to that size",
+                    "answer",
+                )
         records.append(rec)
     if not records:
         raise RecordError(path, None, "file is empty: no records")

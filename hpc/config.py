@@ -49,6 +49,7 @@ def opt(
     aliases: tuple[str, ...] = (),
     path: str | None = None,
     sbatch: bool = False,
+    minimum: float | None = None,
 ) -> Any:
     """A dataclass field with CLI help, a value check, choices, flag aliases and a path kind.
 
@@ -56,6 +57,7 @@ def opt(
         path: ``PATH`` or ``REPO_PATH`` when the value is a file or folder; :func:`resolve_paths`
             makes every such field absolute before a job gets the config.
         sbatch: the value reaches the sbatch script; newlines, CR and NUL are refused.
+        minimum: the smallest value allowed.
     """
     meta = {
         "help": help,
@@ -64,6 +66,7 @@ def opt(
         "aliases": aliases,
         "path": path,
         "sbatch": sbatch,
+        "minimum": minimum,
     }
     return field(default=default, metadata=meta)
 
@@ -92,7 +95,8 @@ class ClusterFields:
     time_min: int = opt(240, "time limit per job, minutes", check=POSITIVE)
     gpus_per_task: int = opt(0, "GPUs per task (per node for training)", check=NONNEG)
     cpus_per_task: int = opt(2, "CPUs per task", check=POSITIVE)
-    mem_gb: float | None = opt(None, "memory per node, GB", check=POSITIVE)
+    # Slurm reads --mem=0 as "all of the node's memory": a value that rounds to 0 MB is refused.
+    mem_gb: float | None = opt(None, "memory per node, GB", check=POSITIVE, minimum=1 / 1024)
     array_parallelism: int | None = opt(None, "at most K array tasks at once (%K)", check=POSITIVE)
     signal_delay_s: int = opt(90, "seconds before the time limit that USR2 is sent", check=POSITIVE)
     max_num_timeout: int = opt(3, "requeues allowed after a timeout", check=NONNEG)
@@ -328,6 +332,10 @@ def coerce(cls: type, name: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: '{name}' must be > 0, got {value!r}")
     if check == NONNEG and value < 0:
         raise ConfigError(f"{where}: '{name}' must be >= 0, got {value!r}")
+    low = meta.get("minimum")
+    if low is not None and value < low:
+        why = " (--mem=0 means all of a node's memory to Slurm)" if name == "mem_gb" else ""
+        raise ConfigError(f"{where}: '{name}' must be >= {low:.6g}, got {value!r}{why}")
     return value
 
 

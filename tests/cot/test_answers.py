@@ -1,6 +1,8 @@
 """Tests for final-answer extraction and answer comparison."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cot.answers import answers_match, extract_final_answer
 
@@ -223,3 +225,52 @@ def test_string_fallback(pred: str, gold: str, expected: bool) -> None:
 def test_extract_then_match_round_trip() -> None:
     for gold in ["12", "-3", "37.5", "3/4", "-1/12", "2:3"]:
         assert answers_match(extract_final_answer(f"Work.\nFinal Answer: {gold}"), gold)
+
+
+# --------------------------------------------------------------------------- never raises
+
+_HUGE = "9" * 5000
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold", "expected"),
+    [
+        (_HUGE, "1", False),
+        ("1", _HUGE, False),
+        (_HUGE, _HUGE, True),  # compared as text, past what int() may read
+        (f"{_HUGE}/7", "1", False),
+        ("1." + _HUGE, "2", False),
+        (f"{_HUGE}:3", "1:3", False),
+        (",".join(["999"] * 1500), "1", False),  # 4500 digits in thousands groups
+        (f"\\boxed{{{_HUGE}}}", _HUGE, True),
+    ],
+)
+def test_numbers_longer_than_int_can_read_never_crash_scoring(
+    pred: str, gold: str, expected: bool
+) -> None:
+    assert answers_match(pred, gold) is expected
+    assert extract_final_answer(f"Final Answer: {pred}") is not None
+
+
+# Text made of what answers are made of, so that the numeric parsers are reached often.
+_ANSWERISH = st.text(alphabet="0123456789 ,./:-%$\\{}boxedfrac*xX=\n\u2212", max_size=60)
+_LONG_DIGITS = st.integers(4200, 4500).map(lambda n: "7" * n)
+_ANY = st.one_of(st.text(max_size=200), _ANSWERISH, _LONG_DIGITS)
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(pred=st.one_of(st.none(), _ANY), gold=_ANY)
+def test_answers_match_never_raises_on_arbitrary_text(pred: str | None, gold: str) -> None:
+    assert answers_match(pred, gold) in (True, False)
+    if pred is not None:  # a match is symmetric in its two texts
+        assert answers_match(pred, gold) == answers_match(gold, pred) or not pred.strip()
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(text=_ANY)
+def test_extract_final_answer_never_raises_and_its_answer_matches_itself(text: str) -> None:
+    answer = extract_final_answer(text)
+    assert answer is None or isinstance(answer, str)
+    if answer is not None and answers_match(answer, answer) is False:
+        # Only an answer that normalises to nothing may fail to match itself.
+        assert not answer.replace("$", "").strip(" *_.")

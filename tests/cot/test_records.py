@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from cot.records import RecordError, append_durable, atomic_write_text, read_questions
+from cot.answers import answers_match
+from cot.records import RecordError, append_durable, atomic_write_text, dumps, read_questions
 
 
 def write(tmp_path: Path, data: bytes) -> Path:
@@ -110,6 +114,8 @@ def test_atomic_open_fsyncs_the_file_before_the_rename_and_the_folder_after(
         ('{"question": "q", "meta": {"x": ["\\ud834"]}}', ":1: field 'meta': contains a lone"),
         ('{"question": "q", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", ":1: invalid JSON"),
         ('{"id": ' + "7" * 5000 + ', "question": "q"}', ":1: invalid JSON"),
+        ('{"question": "q", "answer": "' + "7" * 4301 + '"}', ":1: field 'answer': has more than"),
+        ('{"question": "q", "answer": "' + "999," * 1400 + '0"}', ":1: field 'answer': has more"),
     ],
 )
 def test_input_that_would_crash_a_job_fails_at_read_with_file_and_line(
@@ -120,3 +126,59 @@ def test_input_that_would_crash_a_job_fails_at_read_with_file_and_line(
     with pytest.raises(RecordError) as e:
         read_questions(p)
     assert str(e.value).startswith(f"{p}:1: ") and message in str(e.value), str(e.value)
+
+
+# Lines a question file may hold: JSON of any shape (lone surrogates, deep nesting, huge numbers
+# included, as json.dumps writes them) and arbitrary text or bytes.
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=20,
+)
+_FIELDS = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": _JSON | st.text(max_size=10),
+        "question": _JSON | st.text(max_size=30),
+        "answer": _JSON | st.integers(10**10) | st.text("0123456789,./", max_size=30),
+        "category": _JSON,
+    },
+)
+_LINE = st.one_of(
+    _FIELDS.map(json.dumps).map(str.encode),
+    _JSON.map(json.dumps).map(str.encode),
+    st.sampled_from(
+        [
+            "[" * 3000 + "]" * 3000,
+            '{"id": ' + "7" * 5000 + "}",
+            '{"question": "q", "answer": "' + "7" * 4400 + '"}',
+            '{"question": "q", "category": "$\\\\frac{$"}',
+        ]
+    ).map(str.encode),
+    st.binary(max_size=40),
+)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(lines=st.lists(_LINE, max_size=6))
+def test_reader_accepts_or_refuses_with_file_and_line_and_what_it_accepts_can_be_written(
+    tmp_path_factory: pytest.TempPathFactory, lines: list[bytes]
+) -> None:
+    """Whatever a file holds, reading it returns records or raises RecordError naming the file;
+    never anything else. Every record it returns can be written and read back."""
+    p = tmp_path_factory.mktemp("q") / "q.jsonl"
+    p.write_bytes(b"".join(line.replace(b"\n", b" ") + b"\n" for line in lines))
+    try:
+        records = read_questions(p)
+    except RecordError as e:
+        assert str(e).startswith(f"{p}"), str(e)
+        return
+    out = p.with_name("out.jsonl")
+    out.write_text("".join(dumps(r) + "\n" for r in records), encoding="utf-8")
+    assert [r["id"] for r in read_questions(out)] == [r["id"] for r in records]
+    for r in records:
+        answers_match(r.get("answer"), str(r.get("answer", "")))

@@ -143,9 +143,12 @@ def test_templates_load_cleanly() -> None:
         ("generate:\n  temperature: .nan\n", "'temperature' must be a finite number"),
         ("generate:\n  top_p: .inf\n", "'top_p' must be a finite number"),
         ("cluster:\n  mem_gb: .inf\n", "'mem_gb' must be a finite number"),
+        ("cluster:\n  mem_gb: 0.0001\n", "'mem_gb' must be >= 0.000976562"),
     ],
 )
-def test_nan_and_inf_are_refused_with_file_and_line(tmp_path: Path, text: str, needle: str) -> None:
+def test_nan_inf_and_tiny_memory_are_refused_with_file_and_line(
+    tmp_path: Path, text: str, needle: str
+) -> None:
     p = write(tmp_path, text)
     cls = C.TrainConfig if text.startswith("train") else C.GenerateConfig
     with pytest.raises(C.ConfigError) as e:
