@@ -6,14 +6,14 @@
 # Cancels this cluster's jobs (if slurmctld answers), stops the daemons by
 # their pid files only (slurmd n1/n2, slurmctld, slurmdbd, mariadbd, munged),
 # then leftover slurmstepd processes of this cluster and their job processes,
-# and removes the /etc/hosts line that up.sh added.  Touches no other
+# and removes the exact /etc/hosts line that up.sh added.  Touches no other
 # process.  Idempotent.  STATE_DIR is kept (logs, database); up.sh reuses it.
 set -euo pipefail
 
 [[ $# -eq 1 ]] || { echo "usage: $0 STATE_DIR" >&2; exit 2; }
 if [[ -d $1 ]]; then S=$(cd "$1" && pwd -P); else S=$(realpath -m "$1"); fi
 CONF=$S/slurm.conf
-HOSTS_TAG="# cot-hpc-devcluster:$S"
+HOSTS_LINE="127.0.0.1 n1 n2 # cot-hpc-devcluster:$S"
 T0=$(date +%s.%N)
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -110,11 +110,7 @@ mapfile -t procs < <(job_procs "${steps[@]}")
 kill_all job-processes 50 "${procs[@]}"
 kill_all slurmstepd 5 "${steps[@]}"
 
-if grep -qF "$HOSTS_TAG" /etc/hosts 2>/dev/null; then
-    # /etc/hosts may be a bind mount: rewrite it in place.
-    kept=$(grep -vF "$HOSTS_TAG" /etc/hosts || true)
-    printf '%s\n' "$kept" >/etc/hosts
-fi
+hosts_remove "$HOSTS_LINE"  # the exact line up.sh added; atomically (see lib.sh)
 
 printf 'devcluster down: %s (stopped: %s) in %.1fs\n' "$S" "${stopped[*]:-nothing}" \
     "$(awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN { print b - a }')"
