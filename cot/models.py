@@ -322,14 +322,15 @@ def build_tiny_models(
     either format. The student is pre-trained on questions and solution steps
     with the answer line removed: a small "base model" that knows the language of the domain
     but not the solution format (no prompt format, no ``Final Answer:``), which LoRA must teach.
-    Each model folder is written to a temp folder and renamed into place, so a crash leaves no
-    half-built model behind.
+    Each model folder is written to a temp folder and swapped into place, so a crash leaves the
+    previous model or the new one, never a half-built one or none.
     """
-    import shutil
     import time
 
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from cot.records import atomic_dir
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     out = Path(out_dir)
@@ -378,15 +379,10 @@ def build_tiny_models(
             tok.eos_token_id,
             tok.convert_tokens_to_ids("<|im_end|>"),
         ]
-        tmp = out / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        with _quiet_progress():  # a one-shard model needs no "Writing model shards" bar
-            model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        final = out / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        # The old model stays in place until the new one is whole (see atomic_dir).
+        with atomic_dir(out / name) as tmp, _quiet_progress():
+            model.save_pretrained(tmp)  # _quiet_progress: a one-shard model needs no bar
+            tok.save_pretrained(tmp)
         stats[name] = {
             "params": sum(p.numel() for p in model.parameters()),
             "steps": steps,

@@ -33,7 +33,7 @@ from typing import Any
 
 from cot.errors import InputError
 from cot.prompts import student_prompt
-from cot.records import RecordError, atomic_write_text, iter_jsonl
+from cot.records import RecordError, atomic_dir, atomic_write_text, iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -850,17 +850,11 @@ class TrainResult:
 
 
 def save_adapter_atomically(model: Any, tokenizer: Any, dest: Path) -> Path:
-    """Write the adapter and tokenizer to a temp folder beside ``dest``, then rename it in."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    old = dest.with_name(f".{dest.name}.old")
-    if dest.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
+    """Write the adapter and tokenizer to a uniquely named temp folder beside ``dest``, fsync
+    them, then put the folder in ``dest``'s place (see ``cot.records.atomic_dir``)."""
+    with atomic_dir(dest) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
     return dest
 
 

@@ -4,7 +4,7 @@ No other module builds a run-folder path from strings: the shard protocol, the s
 ``status`` and the tests all ask this class. The layout on disk is the one the README shows::
 
     runs/<name>/
-      config.yaml  launch.json  .lock  logs/<job_id>_<task>_log.out|err
+      .cot-hpc-run  config.yaml  launch.json  .lock  logs/<job_id>_<task>_log.out|err
       <stage>/plan.json  shards/00003.jsonl  completions/00003  attempts/00003
       <stage>/servers/00003.log   (--engine server: the inference server each task started)
       <stage>/merged.jsonl  merge.json

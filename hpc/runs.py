@@ -11,16 +11,76 @@ from pathlib import Path
 from typing import Any
 
 from cot.records import atomic_write_text
-from hpc.errors import RunLockedError
+from hpc.errors import ConfigError, RunLockedError
 from hpc.layout import RunLayout
 from hpc.locks import Busy, FileLock, holder_text
 
-__all__ = ["RunLockedError", "Submission", "latest_jobs", "make_run_dir", "read_launch"]
+__all__ = [
+    "RunLockedError",
+    "Submission",
+    "check_out_dir",
+    "check_run_dir",
+    "latest_jobs",
+    "make_out_dir",
+    "make_run_dir",
+    "read_launch",
+]
+
+# Names that only a run folder of ours holds (the marker, and what launches before it wrote).
+_RUN_FILES = (".cot-hpc-run", "launch.json", ".lock")
+# What only a training output folder holds.
+_TRAIN_FILES = (
+    "config.yaml",
+    "checkpoints",
+    "adapter",
+    "COMPLETE",
+    "metrics.jsonl",
+    "fingerprint.json",
+)
+
+
+def _check_own(p: Path, ours: tuple[str, ...], flag: str, what: str) -> None:
+    """Refuse a file, or a non-empty folder that holds none of ``ours``: never adopt (and
+    chmod, and write into) a folder such as ``~`` that a typo pointed at."""
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{flag} {p}: is a file, not a folder")
+    if p.is_dir() and any(p.iterdir()) and not any((p / name).exists() for name in ours):
+        raise ConfigError(
+            f"{flag} {p}: the folder is not empty and is not {what}; "
+            "give a new or empty folder (nothing was written)"
+        )
+
+
+def check_run_dir(path: str | Path) -> None:
+    """Raise ConfigError unless ``path`` is new, empty or one of our run folders."""
+    _check_own(Path(path).resolve(), _RUN_FILES, "--run-dir", "a cot-hpc run folder")
 
 
 def make_run_dir(path: str | Path) -> Path:
-    """Create the run folder, user-only (it holds pickles and logs)."""
+    """Create (or reopen) the run folder, user-only (it holds pickles and logs).
+
+    A non-empty folder that is not a run folder is refused; a new one gets ``.cot-hpc-run``.
+    """
     p = Path(path).resolve()
+    check_run_dir(p)
+    p.mkdir(parents=True, exist_ok=True)
+    os.chmod(p, 0o700)
+    mark = p / _RUN_FILES[0]
+    if not mark.exists():
+        atomic_write_text(mark, "a cot-hpc run folder (see RUN_DIR/launch.json)\n")
+    return p
+
+
+def check_out_dir(path: str | Path) -> None:
+    """Raise ConfigError unless ``path`` is new, empty or a training output folder."""
+    _check_own(Path(path).resolve(), _TRAIN_FILES, "--out-dir", "a training output folder")
+
+
+def make_out_dir(path: str | Path) -> Path:
+    """Create (or reopen) a training output folder, user-only: it holds pickled checkpoints
+    (optimizer and RNG states) even when it lies outside the run folder."""
+    p = Path(path).resolve()
+    check_out_dir(p)
     p.mkdir(parents=True, exist_ok=True)
     os.chmod(p, 0o700)
     return p

@@ -59,6 +59,7 @@ def run_stages(
         before()
     # Validation reads only: bad input stops here, before the run folder even exists.
     produced: set[Path] = set()
+    runs.check_run_dir(cluster.run_dir)
     for st in stages:
         st.validate(produced)
         produced |= set(st.outputs())

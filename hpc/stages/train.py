@@ -86,6 +86,7 @@ class TrainStage(Stage):
         # waits for; the job then checks it (file:line errors) when it starts.
         check = data.exists() or not produced
         n = validate_config(self.cfg, check_data=check)
+        runs.check_out_dir(self.out.dir)
         if check:
             log.info(f"train: {n} training records in {data}")
 
@@ -127,7 +128,7 @@ class TrainStage(Stage):
 
         self.pin()
         C.save_resolved(self.layout.root, self.name, self.cfg)
-        self.out.dir.mkdir(parents=True, exist_ok=True)
+        runs.make_out_dir(self.out.dir)
         text = yaml.safe_dump(C.to_dict(self.cfg), sort_keys=False)
         atomic_write_text(self.out.config, text)
 

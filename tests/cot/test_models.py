@@ -171,3 +171,51 @@ def test_tiny_teacher_writes_final_answer_lines(
     assert formatted >= 14, texts[:3]
     steps = sum(len(x.splitlines()) >= 2 for x in texts)
     assert steps >= 14, texts  # step-by-step, not one line
+
+
+@pytest.mark.parametrize("can_exchange", [True, False])
+def test_a_rebuild_that_fails_as_it_lands_keeps_the_previous_model(
+    tmp_path: Path, dataset_dir: Path, monkeypatch: pytest.MonkeyPatch, can_exchange: bool
+) -> None:
+    """The old model is never deleted before the new one is in place: a failure at the last
+    step (the rename) leaves it loadable, and no temp folder behind."""
+    import os
+
+    from cot import records
+    from cot.models import build_tiny_models
+    from cot.prompts import TEACHER_TEMPLATE, load_template
+    from cot.records import read_questions
+
+    recs = read_questions(dataset_dir / "raw_questions.jsonl")[:40]
+    out = tmp_path / "tiny"
+    kw = {
+        "teacher_steps": 0,
+        "student_steps": 0,
+        "prompt_template": load_template(TEACHER_TEMPLATE),
+    }
+    build_tiny_models(out, recs, **kw)
+    before = {p.name: p.read_bytes() for p in (out / "teacher").iterdir()}
+    if can_exchange:
+
+        def exchange(a: Path, b: Path) -> bool:
+            raise OSError(5, "EIO (injected)")
+
+        monkeypatch.setattr(records, "exchange", exchange, raising=False)
+    else:
+        monkeypatch.setattr(records, "exchange", lambda a, b: False, raising=False)
+    real_replace = os.replace
+    failed: list[object] = []
+
+    def replace(src: object, dst: object) -> None:
+        if str(dst) == str(out / "teacher") and not failed:  # the new model's rename, once
+            failed.append(src)
+            raise OSError(5, "Input/output error (injected)")
+        real_replace(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match=r"EIO|injected"):
+        build_tiny_models(out, recs, seed=1, **kw)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (out / "teacher").iterdir()} == before
+    assert sorted(p.name for p in out.iterdir()) == ["student", "teacher"]
+    load_tokenizer(out / "teacher")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,54 @@ def test_reader_accepts_or_refuses_with_file_and_line_and_what_it_accepts_can_be
     assert [r["id"] for r in read_questions(out)] == [r["id"] for r in records]
     for r in records:
         answers_match(r.get("answer"), str(r.get("answer", "")))
+
+
+# --------------------------------------------------------------------------- atomic folders
+
+
+@pytest.mark.parametrize("can_exchange", [True, False])
+def test_atomic_dir_replaces_a_folder_whole_and_fsyncs_it_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, can_exchange: bool
+) -> None:
+    from cot import records
+
+    if not can_exchange:  # a file system without renameat2(RENAME_EXCHANGE), e.g. older Lustre
+        monkeypatch.setattr(records, "exchange", lambda a, b: False)
+    dest = tmp_path / "adapter"
+    dest.mkdir()
+    (dest / "old.bin").write_text("old")
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(records.os, "fsync", fsync)
+    with records.atomic_dir(dest) as tmp:
+        assert tmp.parent == tmp_path and tmp != dest and not list(tmp.iterdir())
+        (tmp / "sub").mkdir()
+        (tmp / "a.bin").write_text("a")
+        (tmp / "sub" / "b.bin").write_text("b")
+        assert (dest / "old.bin").read_text() == "old"  # untouched until the block ends
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*")) == [
+        "a.bin",
+        "sub",
+        "sub/b.bin",
+    ]
+    for name in ("a.bin", "sub/b.bin", "sub", ""):  # every file and folder, before the swap
+        assert str(tmp / name).rstrip("/") in synced, (name, synced)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temp or old left
+
+
+def test_atomic_dir_failure_leaves_the_old_folder_and_no_temp(tmp_path: Path) -> None:
+    from cot.records import atomic_dir
+
+    dest = tmp_path / "model"
+    dest.mkdir()
+    (dest / "w.bin").write_text("old")
+    with pytest.raises(RuntimeError), atomic_dir(dest) as tmp:
+        (tmp / "w.bin").write_text("half")
+        raise RuntimeError("killed mid-save")
+    assert (dest / "w.bin").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

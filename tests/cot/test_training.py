@@ -388,3 +388,47 @@ def test_stop_request_saves_and_resume_matches_uninterrupted(tok: Any, tmp_path:
     steps = [r["step"] for r in T.read_metrics(out / "metrics.jsonl")]
     assert steps == list(range(1, 21))  # no step logged twice across the resume
     assert (out / "training_loss.png").exists()
+
+
+def test_two_adapter_saves_at_once_never_mix_or_fail(tmp_path: Path) -> None:
+    """Two trainings saving into one out_dir (the item-2 race) each get their own temp folder:
+    both saves succeed and the adapter is wholly one of them, never a mix."""
+    import threading
+
+    both_writing = threading.Barrier(2, timeout=10)
+
+    class Fake:
+        def __init__(self, who: str) -> None:
+            self.who = who
+
+        def save_pretrained(self, folder: str) -> None:
+            Path(folder, "adapter_model.safetensors").write_text(self.who)
+            both_writing.wait()  # both are mid-save here
+            Path(folder, "adapter_config.json").write_text(self.who)
+
+    class FakeTok:
+        def __init__(self, who: str) -> None:
+            self.who = who
+
+        def save_pretrained(self, folder: str) -> None:
+            Path(folder, "tokenizer.json").write_text(self.who)
+
+    dest = tmp_path / "train" / "adapter"
+    errors: list[BaseException] = []
+
+    def save(who: str) -> None:
+        try:
+            T.save_adapter_atomically(Fake(who), FakeTok(who), dest)
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=save, args=(w,)) for w in ("first", "second")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    contents = {p.name: p.read_text() for p in dest.iterdir()}
+    assert set(contents) == {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"}
+    assert len(set(contents.values())) == 1, contents  # one writer's files, all of them
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["adapter"]

@@ -16,6 +16,7 @@ from hpc import config as C
 from hpc import shards as S
 from hpc.errors import PlanError
 from hpc.layout import RunLayout
+from hpc.runs import make_run_dir
 from tests.jobs.light_worker import LightShard, LightStage
 
 N = 10
@@ -39,7 +40,7 @@ def _planned(tmp_path: Path, shards: int = 1) -> LightStage:
     )
     stage = LightStage(cfg, LightShard())
     stage.validate(set())
-    RunLayout(Path(stage.cfg.run_dir)).root.mkdir(parents=True, exist_ok=True)
+    make_run_dir(RunLayout(Path(stage.cfg.run_dir)).root)
     stage.plan()
     return stage
 
