@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "pipeline",
         help="data -> generate -> merge -> train -> evaluate -> report, as dependent jobs",
-        description="Submit every stage at once (SLURM, afterok chain) or run them in order "
+        description="Submit every stage at once (SLURM, a chain of afterany jobs that check their "
+        "inputs) or run them in order "
         "(local). Rerunning skips complete stages. Cluster flags apply to every stage; "
         "--set STAGE.KEY=VALUE overrides one stage, e.g. --set generate.shards=8.",
     )

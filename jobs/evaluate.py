@@ -43,9 +43,12 @@ class EvaluateShard(ServerCheckpointable):
     """
 
     def __call__(self, cfg: EvaluateConfig, shard: int, stage: str = "evaluate") -> dict[str, Any]:
-        from cot.models import load_model
+        from cot.models import check_adapter_dir, load_model
         from cot.prompts import STUDENT_TEMPLATE, as_prompt, load_template, prompt, resolve_format
         from jobs.engine import open_engine, stop_at_next_turn
+
+        if cfg.lora_model:  # the task runs after the training ends, however it ended
+            check_adapter_dir(cfg.lora_model)
 
         if cfg.engine == "hf":
             set_threads(cfg)

@@ -21,6 +21,7 @@ from typing import Any
 
 import submitit
 
+from cot.errors import InputError
 from hpc.config import TrainConfig
 from hpc.layout import RunLayout
 
@@ -69,6 +70,11 @@ class Train(submitit.helpers.Checkpointable):
         if done is not None:
             D.ignore_late_signals()
             return {**done, "status": "already complete"}
+        if not Path(str(cfg.data)).is_file():  # the job runs after its upstream ends, however
+            raise InputError(
+                f"training data {cfg.data} does not exist: the stage that writes it did not "
+                f"finish (see python -m hpc.launch status {cfg.run_dir})"
+            )
         log.info(
             f"train: rank {renv.rank}/{renv.world_size} (local {renv.local_rank}) on "
             f"{socket.gethostname()} node {renv.node_rank}/{renv.num_nodes}, rendezvous "

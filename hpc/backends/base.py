@@ -3,7 +3,8 @@
 A stage never asks which backend it has. It builds :class:`Call` objects, hands them to
 ``backend.submit(calls, after=[handles])`` and gets a :class:`Handle` that it can wait on, poll,
 read results from, and pass as ``after=`` to the next submission. How a dependency is met is the
-backend's business: SLURM chains ``afterok`` jobs, the local backend waits.
+backend's business: SLURM chains jobs (``afterok``, or ``afterany`` for a job that checks
+its inputs itself, as every stage's jobs do), the local backend waits.
 """
 
 from __future__ import annotations

@@ -58,7 +58,13 @@ class ReportStage(Stage):
             runs.Submission(self.layout.root, self.name, backend.kind, job=ids[0])
 
         handle = backend.submit(
-            [call], cfg=self.cfg, name=self.job_name, after=after, inline=True, on_submit=recorded
+            [call],
+            cfg=self.cfg,
+            name=self.job_name,
+            after=after,
+            inline=True,
+            on_submit=recorded,
+            after_any=True,  # the report reads the merged predictions and names a missing file
         )
         if handle.job_ids:
             deps = [d for h in after for d in h.dependency]

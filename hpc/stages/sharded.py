@@ -239,7 +239,14 @@ class ShardedStage(Stage):
             ]
             deps.append(
                 backend.submit(
-                    calls, cfg=self.cfg, name=self.job_name, after=after, on_submit=recorded
+                    calls,
+                    cfg=self.cfg,
+                    name=self.job_name,
+                    after=after,
+                    on_submit=recorded,
+                    # Each task checks its inputs (the adapter a training wrote) and names what
+                    # is missing: a training that dies after its marker must not cancel them.
+                    after_any=bool(after),
                 )
             )
             record.update(arrays=deps[0].arrays)

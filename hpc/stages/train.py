@@ -141,11 +141,16 @@ class TrainStage(Stage):
     def is_complete(self) -> bool:
         return self.finished() is not None
 
+    def make_job(self) -> Any:
+        """The callable each process runs (tests swap in one that fails on purpose)."""
+        from jobs.train import Train
+
+        return Train()
+
     def outputs(self) -> list[Path]:
         return [self.out.adapter, self.layout.train_marker]
 
     def submit(self, backend: Backend, after: Sequence[Handle]) -> Handle:
-        from jobs.train import Train
 
         done = self.finished()
         if done is not None:
@@ -170,12 +175,15 @@ class TrainStage(Stage):
             tasks_per_node=shape.tasks_per_node,
         )
         handle = backend.submit(
-            [Call(Train(), (self.cfg,), "train")],
+            [Call(self.make_job(), (self.cfg,), "train")],
             cfg=self.cfg,
             name=self.job_name,
             resources=shape,
             after=after,
             on_submit=lambda _, ids: record.update(job=ids[0]),
+            # The job checks its data itself (it names the merge that did not write it): a
+            # merge that dies after its output is written must not cancel the training.
+            after_any=True,
         )
         deps = [d for h in after for d in h.dependency]
         when = f" (after {', '.join(deps)})" if deps else ""

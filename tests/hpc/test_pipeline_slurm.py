@@ -53,7 +53,7 @@ def test_pipeline_end_to_end_then_rerun_submits_nothing(
         )
         assert out.returncode == 0, out.stderr[-3000:]
         # Submitted at once and returned: generate array + merge, train, eval arrays + merges,
-        # report. Nothing has finished yet, so every later stage waits on afterok.
+        # report. Nothing has finished yet, so every later stage waits (afterany) on the one before.
         submitted = calls.read_text().splitlines()
         assert len(submitted) == 8, submitted
         assert "pipeline submitted" in out.stdout

@@ -22,9 +22,10 @@ from typing import Any
 import submitit
 
 from cot.engines import Completion, Engine, Request, never
-from hpc.config import GenerateConfig
-from hpc.stages import GenerateStage
+from hpc.config import GenerateConfig, TrainConfig
+from hpc.stages import GenerateStage, TrainStage
 from jobs.sharded import Session, run_configured_shard
+from jobs.train import Train
 
 
 class ReverseEngine(Engine):
@@ -104,6 +105,27 @@ class DyingLightShard(LightShard):
         if shard == self.dies and out["status"] == "complete":
             os._exit(3)
         return out
+
+
+class DyingTrain(Train):
+    """The real training, whose process then dies (exit 3, no result) once it has written its
+    completion marker: a training that fails after its work is done."""
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        return submitit.helpers.DelayedSubmission(DyingTrain(self.requeues + 1), *args, **kwargs)
+
+    def __call__(self, cfg: TrainConfig) -> dict[str, Any]:
+        out = super().__call__(cfg)
+        if out.get("status") != "already complete":
+            os._exit(3)
+        return out
+
+
+class DyingTrainStage(TrainStage):
+    """The train stage with :class:`DyingTrain` as its job."""
+
+    def make_job(self) -> Any:
+        return DyingTrain()
 
 
 class LightStage(GenerateStage):

@@ -17,7 +17,7 @@ from hpc import runs
 from hpc import shards as S
 from hpc.layout import RunLayout
 from hpc.stages import run_stages
-from tests.jobs.light_worker import DyingLightShard, LightStage
+from tests.jobs.light_worker import DyingLightShard, DyingTrainStage, LightStage
 from tests.slurm_helpers import REPO, finish, sacct_states, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -66,6 +66,55 @@ def test_a_task_that_dies_after_its_marker_does_not_fail_the_stage(
     stage_dir = run / "generate"
     merged = [json.loads(x)["id"] for x in (stage_dir / "merged.jsonl").read_text().splitlines()]
     assert merged == [f"L{i + 1}" for i in range(8)]
+
+
+def test_a_training_that_dies_after_its_marker_does_not_cancel_the_evaluation(
+    slurm_cluster: Any, tiny_models: Path, tmp_path: Path, dataset_dir: Path
+) -> None:
+    """The train job writes its adapter and COMPLETE, then its process dies (exit 3). The
+    evaluation depends on it with afterany and checks the adapter itself: it runs and scores."""
+    from hpc.stages import EvaluateStage
+
+    run = tmp_path / "run"
+    data = tmp_path / "train.jsonl"
+    rows = (dataset_dir / "raw_questions.jsonl").read_text().splitlines()[:16]
+    data.write_text(
+        "".join(
+            json.dumps(
+                {"question": json.loads(r)["question"], "cot": json.loads(r)["reference_cot"]}
+            )
+            + "\n"
+            for r in rows
+        )
+    )
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join((dataset_dir / "test_questions.jsonl").open().readlines()[:4]))
+    common = {"run_dir": str(run), "cluster": "slurm", "time_min": 60, "cpus_per_task": 1}
+    train = C.load_config(
+        C.TrainConfig,
+        "train",
+        None,
+        {**common, "student": str(tiny_models / "student"), "data": str(data), "max_steps": 2},
+    )
+    evaluate = C.load_config(
+        C.EvaluateConfig,
+        "evaluate",
+        None,
+        {
+            **common,
+            "base_model": str(tiny_models / "student"),
+            "lora_model": str(run / "train" / "adapter"),
+            "input": str(test),
+            "shards": 1,
+            "max_new_tokens": 16,
+        },
+    )
+    out = run_stages([DyingTrainStage(train), EvaluateStage(evaluate)], train, wait=True)
+    job = str(runs.latest_jobs(run, "train")["job"])
+    assert wait_for(lambda: sacct_states([job]).get(job), 60, "sacct") == "FAILED"
+    assert (run / "train" / "COMPLETE").exists()
+    assert out.results["evaluate"]["total"] == 4  # the evaluation ran on the adapter
+    assert len((run / "evaluate" / "merged.jsonl").read_text().splitlines()) == 4
 
 
 def test_usr2_as_a_finished_task_exits_keeps_it_completed(

@@ -138,3 +138,33 @@ def test_sigterm_stops_at_a_record_boundary_and_the_rerun_finishes(tmp_path: Pat
     assert not stage.dir.marker(0).exists()
     assert worker(stage.cfg, 0)["generated"] == N - 2
     assert stage.dir.shard(0).read_text() == "".join(_line(i) for i in range(N))
+
+
+def test_jobs_that_run_after_their_upstream_ended_check_its_output_first(tmp_path: Path) -> None:
+    """Stage-to-stage dependencies are afterany: a job that starts after its upstream failed
+    must stop at once, naming the input that is missing, before it loads anything."""
+    from cot.errors import InputError
+    from cot.models import ModelError
+    from jobs.evaluate import EvaluateShard
+    from jobs.train import Train
+
+    missing = tmp_path / "run" / "train" / "adapter"
+    ev = C.resolve_paths(
+        C.EvaluateConfig(run_dir=str(tmp_path / "run"), lora_model=str(missing), cluster="local")
+    )
+    with pytest.raises(ModelError, match=f"adapter folder {missing} does not exist"):
+        EvaluateShard()(ev, 0)
+    data = tmp_path / "run" / "generate" / "merged.jsonl"
+    tr = C.resolve_paths(
+        C.TrainConfig(run_dir=str(tmp_path / "run"), data=str(data), out_dir=str(tmp_path / "out"))
+    )
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)}
+    try:  # the job installs its preemption handlers first
+        with pytest.raises(InputError, match=f"training data {data} does not exist"):
+            Train()(tr)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert not (tmp_path / "out").exists()
