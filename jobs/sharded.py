@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -120,17 +121,19 @@ OpenEngine = Callable[[], contextlib.AbstractContextManager[Session]]
 ToRecord = Callable[[dict[str, Any], int, Completion], dict[str, Any]]
 
 
-def run_shard(
-    stage_dir: Path,
-    shard: int,
-    *,
-    input_path: str,
-    start_index: int,
-    num_samples: int | None,
-    seed: int,
-    open_engine: OpenEngine,
-    to_record: ToRecord,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ShardWork:
+    """What one shard task generates: its input and selection, seed, engine and record maker."""
+
+    input_path: str
+    start_index: int
+    num_samples: int | None
+    seed: int
+    open_engine: OpenEngine
+    to_record: ToRecord
+
+
+def run_shard(stage_dir: Path, shard: int, work: ShardWork) -> dict[str, Any]:
     """Run (or resume) one shard; returns counts. Idempotent once the marker exists.
 
     Each completion is appended as it finishes (flushed at once, fsync'd within a second), so a
@@ -138,25 +141,16 @@ def run_shard(
     """
     if S.marker_path(stage_dir, shard).exists():
         return {"shard": shard, "status": "already complete"}
-    with shard_lease(stage_dir, shard) as lease:
+    info = task_info()
+    with shard_lease(stage_dir, shard, info=info) as lease:
         if lease is None:  # another task finished the shard while this one waited
             return {"shard": shard, "status": "already complete"}
-        return _run_leased(
-            stage_dir,
-            shard,
-            lease,
-            input_path=input_path,
-            start_index=start_index,
-            num_samples=num_samples,
-            seed=seed,
-            open_engine=open_engine,
-            to_record=to_record,
-        )
+        return _run_leased(stage_dir, shard, lease, work, info)
 
 
 @contextlib.contextmanager
 def shard_lease(
-    stage_dir: Path, shard: int, poll_s: float | None = None
+    stage_dir: Path, shard: int, poll_s: float | None = None, info: dict[str, Any] | None = None
 ) -> Iterator[FileLock | None]:
     """Hold the shard's lease: the one task that may append to its file.
 
@@ -165,7 +159,7 @@ def shard_lease(
     the holder ends. It then yields None when the holder completed the shard, or the lease to
     resume what the holder left.
     """
-    info = task_info()
+    info = info or task_info()
     lease = FileLock(
         StageLayout(stage_dir).lease(shard),
         {k: info[k] for k in ("job_id", "restart_count")},
@@ -198,29 +192,23 @@ def shard_lease(
 
 
 def _run_leased(
-    stage_dir: Path,
-    shard: int,
-    lease: FileLock,
-    *,
-    input_path: str,
-    start_index: int,
-    num_samples: int | None,
-    seed: int,
-    open_engine: OpenEngine,
-    to_record: ToRecord,
+    stage_dir: Path, shard: int, lease: FileLock, work: ShardWork, info: dict[str, Any]
 ) -> dict[str, Any]:
+    input_path, seed, to_record = work.input_path, work.seed, work.to_record
     plan = S.load_plan(stage_dir)
     if S.sha256_file(input_path) != plan.input_sha256:
         raise S.PlanError(
             f"{input_path}: the input changed since the launch (sha256 differs from "
             f"{stage_dir / 'plan.json'}); relaunch into a new --run-dir"
         )
-    S.append_attempt(stage_dir, shard, task_info())
+    S.append_attempt(stage_dir, shard, {**info, "time": time.time()})  # work begins now
     path = S.shard_path(stage_dir, shard)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = S.recover_shard(path)
     lo, hi = plan.ranges[shard]
-    records = read_questions(input_path, start_index=start_index, num_samples=num_samples)[lo:hi]
+    records = read_questions(
+        input_path, start_index=work.start_index, num_samples=work.num_samples
+    )[lo:hi]
     wanted = plan.keys(shard)
     by_id = {r["id"]: r for r in records}
     todo: list[Item] = [(by_id[rid], s) for rid, s in wanted if (rid, s) not in done]
@@ -230,7 +218,7 @@ def _run_leased(
     S.append_attempt(stage_dir, shard, {"event": "resume", "on_disk": len(done), "todo": len(todo)})
     if todo:
         generated, tokens, t0 = 0, 0, time.time()
-        with open_engine() as (engine, prompt_of):
+        with work.open_engine() as (engine, prompt_of):
             items = {(it[0]["id"], it[1]): it for it in todo}
             requests = [
                 Request(k, prompt_of(it[0]), request_seed(seed, k)) for k, it in items.items()
@@ -281,16 +269,8 @@ def run_configured_shard(
 ) -> dict[str, Any]:
     """:func:`run_shard` for a stage config: its run folder, input, selection and seed."""
     logs.setup()  # a job is a fresh process: the same plain-line log as the CLI
-    out = run_shard(
-        RunLayout(Path(cfg.run_dir)).stage(stage).dir,
-        shard,
-        input_path=cfg.input,
-        start_index=cfg.start_index,
-        num_samples=cfg.num_samples,
-        seed=cfg.seed,
-        open_engine=open_engine,
-        to_record=to_record,
-    )
+    work = ShardWork(cfg.input, cfg.start_index, cfg.num_samples, cfg.seed, open_engine, to_record)
+    out = run_shard(RunLayout(Path(cfg.run_dir)).stage(stage).dir, shard, work)
     ignore_late_signals()  # the marker is written: a USR2 now must not fail a finished task
     return out
 

@@ -646,6 +646,7 @@ def test_relaunch_other_input_or_shards_refused_identical_submits_nothing(
 # --------------------------------------------------------------------------- status
 
 
+@pytest.mark.slow  # its fixture preempts a real run (about 25 s)
 def test_status_after_a_preempted_run_one_sacct_call(
     env: Env, preempted_run: Run, cleanup: Env
 ) -> None:
