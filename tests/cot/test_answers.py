@@ -274,3 +274,24 @@ def test_extract_final_answer_never_raises_and_its_answer_matches_itself(text: s
     if answer is not None and answers_match(answer, answer) is False:
         # Only an answer that normalises to nothing may fail to match itself.
         assert not answer.replace("$", "").strip(" *_.")
+
+
+# ---------------------------------------------------- edges that mutation testing found untested
+
+_BIG = "1" + "0" * 3999  # exactly MAX_DIGITS digits: still read as a number
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold", "expected"),
+    [
+        ("50\\%", "50", True),  # LaTeX's escaped percent
+        ("2 1/1", "3", True),  # a mixed number whose fraction is whole
+        ("3/1", "3", True),
+        ("0:0", "0 : 0", True),  # a ratio of zeros: gcd 0 must not divide
+        ("Choice X.", "choice x", True),  # only the final period goes, not a final letter
+        ("\\boxed{12", "12", False),  # an unclosed box is not unwrapped, and never raises
+        (_BIG, f"{10**3999:,}", True),  # 4000 digits, grouped or not: compared as numbers
+    ],
+)
+def test_normalisation_edges(pred: str, gold: str, expected: bool) -> None:
+    assert answers_match(pred, gold) is expected

@@ -234,3 +234,18 @@ def test_atomic_dir_failure_leaves_the_old_folder_and_no_temp(tmp_path: Path) ->
         raise RuntimeError("killed mid-save")
     assert (dest / "w.bin").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_exchange_swaps_two_folders_in_one_step_here(tmp_path: Path) -> None:
+    """Linux renameat2(RENAME_EXCHANGE): both names exist at every moment."""
+    from cot.records import exchange
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "from-a").touch()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "from-b").touch()
+    assert exchange(tmp_path / "a", tmp_path / "b") is True
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["from-b"]
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["from-a"]
+    with pytest.raises(FileNotFoundError):
+        exchange(tmp_path / "a", tmp_path / "missing")

@@ -53,3 +53,41 @@ def test_a_stale_exclusive_file_of_a_dead_local_process_is_taken_over(tmp_path: 
     lock.acquire()
     assert json.loads(lock.excl_path.read_text())["pid"] == os.getpid()
     lock.release()
+
+
+def test_busy_names_the_holder_in_words(tmp_path: Path) -> None:
+    from hpc.locks import holder_text
+
+    assert holder_text({"pid": 12, "host": "n1", "job_id": "7_3", "restart_count": 1}) == (
+        "pid 12 on n1 (job 7_3, restart 1)"
+    )
+    assert holder_text({"pid": 12, "host": "n1"}) == "pid 12 on n1"
+    assert holder_text("garbled") == "garbled"
+    with FileLock(tmp_path / "x.lock", {"job_id": "9"}), pytest.raises(Busy) as e:
+        FileLock(tmp_path / "x.lock").acquire()
+    assert str(e.value).startswith(f"{tmp_path / 'x.lock'} is held by {{")
+
+
+def test_a_live_holder_on_another_host_keeps_its_lock_until_its_heartbeat_is_stale(
+    tmp_path: Path,
+) -> None:
+    """The fallback cannot see another host's processes: only the heartbeat (the file's mtime,
+    moved by refresh()) tells a live holder from a dead one."""
+    holder = FileLock(tmp_path / "x.lock", use_flock=False, stale_s=60).acquire()
+    holder.excl_path.write_text(json.dumps({"host": "other-node", "pid": 1}))
+    old = holder.excl_path.stat().st_mtime - 120
+    os.utime(holder.excl_path, (old, old))  # two minutes without a heartbeat
+    holder.refresh()  # the holder is alive after all: its heartbeat moves the mtime
+    assert holder.excl_path.stat().st_mtime > old + 100
+    with pytest.raises(Busy):
+        FileLock(tmp_path / "x.lock", use_flock=False, stale_s=60).acquire()
+    os.utime(holder.excl_path, (old, old))  # now it really stopped beating
+    taker = FileLock(tmp_path / "x.lock", use_flock=False, stale_s=60).acquire()
+    assert json.loads(taker.excl_path.read_text())["pid"] == os.getpid()
+    taker.release()
+
+
+def test_a_lock_in_a_folder_that_does_not_exist_yet(tmp_path: Path) -> None:
+    lock = FileLock(tmp_path / "a" / "b" / "x.lock").acquire()
+    assert lock.kind == "flock"
+    lock.release()
