@@ -43,6 +43,7 @@ def _rank(rank: int, port: int, out: str) -> None:
             if control.should_training_stop:
                 break
         Path(out, f"rank{rank}").write_text(f"{stop.stopped_at} {control.should_save}")
+        dist.barrier()  # neither rank tears gloo down while the other may still be using it
     finally:
         dist.destroy_process_group()
 

@@ -380,7 +380,9 @@ def _assert_hits_landed(it: Interrupter, batch: int) -> None:
         generated = sum(n for _, n in starts)
         assert 0 <= generated - it.per_shard <= len(hits) * batch, (shard, starts)
         marker = S.marker_path(it.stage_dir, shard)
-        assert json.loads(marker.read_text()) == {"records": it.per_shard, "errors": 0}
+        sealed = json.loads(marker.read_text())
+    assert (sealed["records"], sealed["errors"]) == (it.per_shard, 0)
+    assert sealed["bytes"] == S.shard_path(marker.parent.parent, int(marker.name)).stat().st_size
 
 
 def _assert_requeued_in_place(stage_dir: Path, shard: int) -> list[dict[str, Any]]:

@@ -365,7 +365,9 @@ def _assert_resumed_once(sc: Scenario, *, same_job: bool) -> None:
         assert [second[k] for k in keys] == [first[k] for k in keys]
         assert second["restart_count"] == first["restart_count"] + 1
     marker = S.marker_path(run_dir / "generate", sc.shard)
-    assert json.loads(marker.read_text()) == {"records": sc.per_shard, "errors": 0}
+    sealed = json.loads(marker.read_text())
+    assert (sealed["records"], sealed["errors"]) == (sc.per_shard, 0)
+    assert sealed["bytes"] == S.shard_path(marker.parent.parent, int(marker.name)).stat().st_size
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from hpc import runs
 from tests.slurm_helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -355,7 +356,7 @@ def test_preempted_repeatedly_at_random_points_matches_reference(
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_torn_checkpoint_is_skipped_on_resume(reference: Path, inputs: dict[str, Path]) -> None:
-    run_dir = inputs["root"] / "torn"
+    run_dir = runs.make_run_dir(inputs["root"] / "torn")  # as a first launch leaves it
     ckpts = run_dir / "train" / "checkpoints"
     shutil.copytree(reference / "train" / "checkpoints", ckpts)
     last, prev = ckpts / f"checkpoint-{STEPS}", ckpts / f"checkpoint-{STEPS - SAVE}"
