@@ -26,8 +26,10 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# Below Linux's ephemeral range (32768-60999 by default): a port picked there can already be
+# the local end of an outgoing connection (sacct, an HTTP client), and the bind fails.
 PORT_LO = 20000
-PORT_HI = 60000
+PORT_HI = 32768
 # A prime that does not divide the span: consecutive attempts walk through all 40000 ports
 # before any repeats, so attempt k+1 never lands on attempt k's port.
 PORT_STRIDE = 7919

@@ -124,6 +124,20 @@ def all_job_ids() -> set[str]:
     return {job.split("_")[0] for job in out.split() + queued.split()}
 
 
+def settled_job_ids(quiet_s: float = 3.0, limit_s: float = 60.0) -> set[str]:
+    """:func:`all_job_ids` once two reads ``quiet_s`` apart agree: a job cancelled a moment
+    ago can be gone from squeue and not yet in sacct (slurmdbd lags), and would then show up
+    later as if it were new."""
+    end = time.monotonic() + limit_s
+    seen = all_job_ids()
+    while True:
+        time.sleep(quiet_s)
+        now = all_job_ids()
+        if now == seen or time.monotonic() > end:
+            return now
+        seen = now
+
+
 def submissions(run_dir: Path, stage: str = "generate") -> list[dict[str, Any]]:
     """``launch.json``'s submissions of one stage."""
     data = json.loads(RunLayout(run_dir).launch.read_text())

@@ -313,8 +313,24 @@ class ShardedStage(Stage):
                 if (jid := info["shards"].get(i, "")) and states.get(jid, "") in FAILED_STATES
             ]
             if not dead and merge_state in FAILED_STATES:
+                # The merge ran after every shard ended (afterany) and found some incomplete:
+                # name those shards with whatever state the accounting shows yet (it may lag
+                # behind a task that just ended), then the merge.
+                dead = [
+                    Failure(
+                        f"shard {shard_name(i)}",
+                        jid,
+                        states.get(jid, "UNKNOWN"),
+                        self.layout.job_log(jid),
+                        f"job {jid} {states.get(jid, 'UNKNOWN')}",
+                    )
+                    for i in missing
+                    if (jid := info["shards"].get(i, ""))
+                ]
                 log_path = self.layout.job_log(merge_id)
-                dead = [Failure("merge", merge_id, merge_state, log_path, f"merge {merge_state}")]
+                dead.append(
+                    Failure("merge", merge_id, merge_state, log_path, f"merge {merge_state}")
+                )
             if dead:
                 raise StageFailed(failure_text(self.name, dead))
             time.sleep(backend.poll_s)

@@ -40,6 +40,7 @@ from tests.slurm_helpers import (
     first_lines,
     line_count,
     sacct,
+    settled_job_ids,
     submissions,
     wait_for,
 )
@@ -596,7 +597,7 @@ def test_bad_input_refused_before_anything_is_submitted(env: Env, cleanup: Env, 
     output = env.root / f"bad-{case}.out.jsonl"
     output.write_text("KNOWN CONTENT\n")
     log = env.root / f"bad-{case}.sbatch.log"
-    before = all_job_ids()
+    before = settled_job_ids()
     proc = env.run(env.argv(run_dir, shards=shards, output=output, questions=bad), sbatch_log=log)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"{bad}{message}" in proc.stderr, proc.stderr
@@ -617,7 +618,7 @@ def test_relaunch_other_input_or_shards_refused_identical_submits_nothing(
     plan = (run.run_dir / "generate" / "plan.json").read_text()
     output = run.output.read_bytes()
     log = env.root / "relaunch.sbatch.log"
-    before = all_job_ids()
+    before = settled_job_ids()
 
     other = env.root / "q95.jsonl"
     other.write_text("".join(env.questions.read_text().splitlines(keepends=True)[:95]))
