@@ -173,6 +173,18 @@ def record_key(rec: dict[str, Any]) -> Key:
     return str(rec["id"]), int(rec.get("sample", 0))
 
 
+def _parsed(where: str, line: bytes | str) -> tuple[dict[str, Any], Key]:
+    """(record, key) of one shard line; PlanError naming ``where`` (``FILE:LINE``) otherwise."""
+    try:
+        rec = json.loads(line)
+    except ValueError as err:
+        raise PlanError(f"{where}: not a valid JSON record ({err})") from None
+    try:
+        return rec, record_key(rec)
+    except (KeyError, TypeError, AttributeError, ValueError):
+        raise PlanError(f"{where}: record has no 'id' field") from None
+
+
 def recover_shard(path: Path) -> dict[Key, int]:
     """Truncate a torn last line, then return the keys already written (key -> line number).
 
@@ -220,11 +232,7 @@ def finish_shard(stage_dir: Path, plan: Plan, shard: int) -> int:
                     # A whole JSON object without its newline: the merge would glue the next
                     # shard's first record onto it. Never mark such a shard complete.
                     raise PlanError(f"{path}:{lineno}: last line has no newline (torn write)")
-                try:
-                    rec = json.loads(line)
-                    key = record_key(rec)
-                except (ValueError, KeyError, TypeError, AttributeError) as err:
-                    raise PlanError(f"{path}:{lineno}: not a valid JSON record ({err})") from None
+                rec, key = _parsed(f"{path}:{lineno}", line)
                 if key not in by_key:
                     by_key[key] = line
                     if rec.get("error") is not None:
@@ -289,9 +297,9 @@ def _changed(path: Path, shard: int, found: tuple[int, int], sealed: tuple[int, 
     with open(path, "rb") as fh:
         for lineno, line in enumerate(fh, start=1):
             try:
-                record_key(json.loads(line))
-            except (ValueError, KeyError, TypeError, AttributeError) as err:
-                return PlanError(f"{path}:{lineno}: not a valid JSON record ({err})")
+                _parsed(f"{path}:{lineno}", line)
+            except PlanError as err:
+                return err
     return PlanError(
         f"{path}: changed after it was marked complete ({found[0]} bytes, crc32 {found[1]:08x}; "
         f"its marker says {sealed[0]} bytes, crc32 {sealed[1]:08x}). Remove it and "
@@ -316,11 +324,7 @@ def iter_merged(stage_dir: Path, plan: Plan) -> Iterator[tuple[str, dict[str, An
             for lineno, raw in enumerate(fh, start=1):
                 size += len(raw)
                 crc = zlib.crc32(raw, crc)
-                try:
-                    rec = json.loads(raw)
-                    key = record_key(rec)
-                except (ValueError, KeyError, TypeError, AttributeError) as err:
-                    raise PlanError(f"{path}:{lineno}: not a valid JSON record ({err})") from None
+                rec, key = _parsed(f"{path}:{lineno}", raw)
                 want = next(expected, None)
                 if key != want:
                     raise PlanError(f"{path}:{lineno}: expected record {want}, found {key}")
@@ -376,12 +380,7 @@ def _check_lines(path: Path, first: int, lines: list[bytes], keys: list[Key]) ->
     """Slow path: parse each line and compare its key with the plan's ``keys[first + k]``."""
     for k, line in enumerate(lines):
         where = f"{path}:{first + k + 1}"
-        try:
-            found = record_key(json.loads(line))
-        except ValueError as err:
-            raise PlanError(f"{where}: not a valid JSON record ({err})") from None
-        except (KeyError, TypeError, AttributeError):
-            raise PlanError(f"{where}: record has no 'id' field") from None
+        _, found = _parsed(where, line)
         want = keys[first + k] if first + k < len(keys) else None
         if found != want:
             raise PlanError(f"{where}: expected record {want}, found {found}")
