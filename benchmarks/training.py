@@ -142,8 +142,8 @@ def part1(args: argparse.Namespace, recs: list[dict[str, Any]]) -> None:
 
 def step_time(args: argparse.Namespace, data: Path, deepspeed: str, run_dir: Path) -> float:
     """Median step time of a 2-process local run through the CLI."""
-    cfg = run_dir / "empty.yaml"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = run_dir.with_name(f"{run_dir.name}.yaml")  # beside the run folder, not in it
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     cfg.write_text("# defaults + flags only\n")
     argv = [
         sys.executable, "-m", "hpc.launch", "train", "--config", str(cfg),
