@@ -169,6 +169,10 @@ class Env:
                     ids.add(jid.split("_")[0])
         if ids:
             subprocess.run(["scancel", *sorted(ids)], capture_output=True, timeout=30, check=False)
+            # A job cancelled a moment ago can be gone from squeue and not yet in sacct
+            # (slurmdbd lags): wait until the cluster's job list has settled, so that a later
+            # test does not see these jobs appear as if it had submitted them.
+            settled_job_ids(quiet_s=1.0)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -597,7 +601,7 @@ def test_bad_input_refused_before_anything_is_submitted(env: Env, cleanup: Env, 
     output = env.root / f"bad-{case}.out.jsonl"
     output.write_text("KNOWN CONTENT\n")
     log = env.root / f"bad-{case}.sbatch.log"
-    before = settled_job_ids()
+    before = all_job_ids()
     proc = env.run(env.argv(run_dir, shards=shards, output=output, questions=bad), sbatch_log=log)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"{bad}{message}" in proc.stderr, proc.stderr
@@ -618,7 +622,7 @@ def test_relaunch_other_input_or_shards_refused_identical_submits_nothing(
     plan = (run.run_dir / "generate" / "plan.json").read_text()
     output = run.output.read_bytes()
     log = env.root / "relaunch.sbatch.log"
-    before = settled_job_ids()
+    before = all_job_ids()
 
     other = env.root / "q95.jsonl"
     other.write_text("".join(env.questions.read_text().splitlines(keepends=True)[:95]))
