@@ -155,8 +155,9 @@ class PromptLimit:
 class HFEngine(Engine):
     """In-process batched ``generate``: length-grouped batches, left padding, stop at the answer.
 
-    Sampling seeds are per batch (from the batch's keys), so a rerun of the same batches samples
-    the same. Greedy output equals one-at-a-time generation token for token.
+    Sampling seeds are per request (from its record key): a record samples the same tokens in
+    any batch, so a resumed shard writes what an uninterrupted one does. Greedy output equals
+    one-at-a-time generation token for token.
     """
 
     def __init__(
@@ -167,12 +168,10 @@ class HFEngine(Engine):
         *,
         batch_size: int,
         max_positions: int | None = None,
-        batch_seed: Callable[[list[Key]], int] | None = None,
     ):
         self.model, self.tokenizer, self.decoding = model, tokenizer, decoding
         self.batch_size = batch_size
         self.limit = PromptLimit(tokenizer, max_positions, decoding.max_new_tokens)
-        self.batch_seed = batch_seed
 
     def run(
         self, requests: Sequence[Request], should_stop: StopCheck = never
@@ -191,8 +190,6 @@ class HFEngine(Engine):
         for batch in length_grouped(ok, lambda r: lengths[r.key], self.batch_size):
             if should_stop():
                 return
-            keys = [r.key for r in batch]
-            seed = self.batch_seed(keys) if self.batch_seed is not None else batch[0].seed
             out, counts = generate_batch(
                 self.model,
                 self.tokenizer,
@@ -200,7 +197,7 @@ class HFEngine(Engine):
                 max_new_tokens=self.decoding.max_new_tokens,
                 temperature=self.decoding.temperature,
                 top_p=self.decoding.top_p,
-                seed=seed,
+                seeds=[r.seed for r in batch],
                 stop_at_answer=self.decoding.stop_at_answer,
                 add_special_tokens=isinstance(batch[0].prompt, str),
             )

@@ -38,6 +38,75 @@ def length_grouped(
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: Any, c: int) -> Any:
+    """``x * c mod 2**32`` for int64 tensors holding 32-bit values, without int64 overflow."""
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _MASK32
+
+
+def _hash32(x: Any) -> Any:
+    """A 32-bit integer hash (xorshift-multiply), elementwise, on int64 tensors."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+class KeyedSampler:
+    """A transformers logits processor that samples every row from its own seed.
+
+    Each row draws from ``softmax(logits / temperature)`` restricted to its top-p nucleus, by the
+    Gumbel-max trick: it adds Gumbel noise and lets greedy decoding take the argmax. The noise
+    depends only on (the row's seed, the number of tokens generated so far, the token id), never
+    on the batch, so a record samples the same tokens whatever it is batched with, and a shard
+    resumed after a preemption (other batches) writes what an uninterrupted one does.
+
+    Args:
+        seeds: one 32-bit seed per row (the request seed of its record key).
+        prompt_len: the padded prompt length of the batch (step 0 is the first new token).
+    """
+
+    def __init__(self, seeds: Sequence[int], prompt_len: int, temperature: float, top_p: float):
+        if temperature <= 0:
+            raise ValueError("KeyedSampler needs temperature > 0 (greedy needs no sampler)")
+        self.seeds = [int(s) & _MASK32 for s in seeds]
+        self.prompt_len, self.temperature, self.top_p = prompt_len, temperature, top_p
+        self._tokens: Any = None
+
+    def noise(self, step: int, vocab: int, device: Any) -> Any:
+        """Gumbel noise of shape (rows, vocab) for generation step ``step``."""
+        import torch
+
+        if self._tokens is None or self._tokens.shape[0] != vocab:
+            self._tokens = _hash32(torch.arange(vocab, dtype=torch.int64, device=device))
+        seeds = torch.tensor(self.seeds, dtype=torch.int64, device=device)
+        row = _hash32(seeds ^ _hash32(torch.full_like(seeds, step) + 0x9E3779B9))
+        bits = _hash32(self._tokens[None, :] ^ row[:, None])
+        u = (bits.to(torch.float64) + 0.5) / float(1 << 32)  # in (0, 1), never 0 or 1
+        return -torch.log(-torch.log(u))
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        logits = scores.to(torch.float64) / self.temperature
+        if self.top_p < 1.0:
+            ordered, order = torch.sort(logits, dim=-1, descending=True)
+            probs = torch.softmax(ordered, dim=-1)
+            # Drop a token once the ones ranked above it already hold top_p; the first stays.
+            drop = (torch.cumsum(probs, dim=-1) - probs) >= self.top_p
+            drop[:, 0] = False
+            logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+        step = input_ids.shape[1] - self.prompt_len
+        out = logits + self.noise(step, logits.shape[-1], logits.device)
+        return out.to(scores.dtype) if scores.dtype == torch.float64 else out.float()
+
+
 class FinalAnswerStop:
     """A transformers StoppingCriteria: per sequence, True once its answer line is complete.
 
@@ -108,7 +177,7 @@ def generate_batch(
     max_new_tokens: int,
     temperature: float = 0.0,
     top_p: float = 1.0,
-    seed: int | None = None,
+    seeds: Sequence[int] | None = None,
     stop_at_answer: bool = True,
     add_special_tokens: bool = True,
 ) -> tuple[list[str], list[int]]:
@@ -116,13 +185,15 @@ def generate_batch(
 
     ``add_special_tokens=False`` for prompts that already carry their special tokens (a chat
     template's output); raw prompts get the tokenizer's (a BOS where the model has one).
+    With ``temperature > 0`` each prompt samples from its own seed in ``seeds`` (default: 0 for
+    every row), through :class:`KeyedSampler`: what a prompt gets does not depend on its batch.
 
     Returns:
         (completions, generated tokens per completion). Completions are cut after the
         final-answer line.
     """
     import torch
-    from transformers import StoppingCriteriaList
+    from transformers import LogitsProcessorList, StoppingCriteriaList
 
     device = next(model.parameters()).device
     enc = tokenizer(
@@ -139,12 +210,16 @@ def generate_batch(
         "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": stops,
     }
+    # Sampling is greedy decoding over Gumbel-perturbed scores (KeyedSampler), so generate()
+    # itself never draws from a global RNG.
+    kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     if temperature > 0:
-        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-        if seed is not None:
-            torch.manual_seed(seed)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        rows = list(seeds) if seeds is not None else [0] * len(prompts)
+        if len(rows) != len(prompts):
+            raise ValueError(f"{len(rows)} seeds for {len(prompts)} prompts")
+        kwargs["logits_processor"] = LogitsProcessorList(
+            [KeyedSampler(rows, prompt_len, temperature, top_p)]
+        )
     if stop_at_answer:
         kwargs["stopping_criteria"] = StoppingCriteriaList([FinalAnswerStop(tokenizer, prompt_len)])
     with torch.inference_mode():

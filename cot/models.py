@@ -85,6 +85,65 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def bf16_supported() -> bool:
+    """True when the current CUDA device computes in bf16 natively (Ampere and newer).
+
+    torch's own check counts emulated bf16 as support by default, so a V100 would pass it.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch before 2.3 has no such argument and does not count emulation
+        return bool(torch.cuda.is_bf16_supported())
+
+
+def resolve_precision(precision: str, *, cuda: bool, bf16_ok: bool) -> str:
+    """What ``--precision`` means on this machine: ``bf16``, ``fp16`` or ``fp32``.
+
+    ``auto`` is bf16 where the GPU has it natively, fp16 on other CUDA GPUs and fp32 without
+    CUDA. An explicit bf16 or fp16 is kept on any CUDA GPU and becomes fp32 without one. The
+    loader's weight dtype and the Trainer's mixed precision both come from here.
+
+    Raises:
+        InputError: ``precision`` is not one of :data:`PRECISIONS`.
+    """
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be auto, bf16, fp16 or fp32, got {precision!r}")
+    if not cuda:
+        return "fp32"
+    if precision == "auto":
+        return "bf16" if bf16_ok else "fp16"
+    return precision
+
+
+def precision_note(precision: str, *, cuda: bool, bf16_ok: bool) -> str | None:
+    """One line for the log where an explicit choice does not run as asked, else None."""
+    if precision in ("bf16", "fp16") and not cuda:
+        return f"precision {precision}: no CUDA device, running in fp32 instead"
+    if precision == "bf16" and cuda and not bf16_ok:
+        return (
+            "precision bf16: this GPU has no native bf16, so it is emulated (slowly); "
+            "--precision auto would use fp16"
+        )
+    return None
+
+
+def pick_precision(precision: str, *, cuda: bool) -> tuple[str, str | None]:
+    """:func:`resolve_precision` for this machine's GPU, with its :func:`precision_note`."""
+    bf16_ok = cuda and bf16_supported()
+    return (
+        resolve_precision(precision, cuda=cuda, bf16_ok=bf16_ok),
+        precision_note(precision, cuda=cuda, bf16_ok=bf16_ok),
+    )
+
+
 def resolve_quant(quant: str) -> bool:
     """Whether to load in 4-bit NF4: ``nf4`` always, ``none`` never, ``auto`` only with CUDA."""
     if quant == "nf4":
@@ -146,6 +205,7 @@ def load_model(
     quant: str = "auto",
     trust_remote_code: bool = False,
     device: str | None = None,
+    precision: str = "auto",
     dtype: str | None = None,
 ) -> PreTrainedModel:
     """Load a causal LM offline.
@@ -155,7 +215,10 @@ def load_model(
         quant: ``auto`` (NF4 only where CUDA is present), ``nf4`` or ``none``.
         trust_remote_code: allow code shipped in the folder (off unless asked for).
         device: ``cuda``/``cpu``; default picks CUDA when present.
-        dtype: ``float32``/``bfloat16``/``float16``; default bf16 on CUDA, fp32 on CPU.
+        precision: ``auto``/``bf16``/``fp16``/``fp32`` (see :func:`resolve_precision`): the
+            weights' dtype and NF4's compute dtype. Without CUDA it is fp32, with a one-line
+            notice when bf16 or fp16 was asked for.
+        dtype: ``float32``/``bfloat16``/``float16``: overrides ``precision`` where given.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -164,7 +227,12 @@ def load_model(
     check_remote_code(p, trust_remote_code)
     on_cuda = cuda_available() if device is None else device.startswith("cuda")
     dev = device or ("cuda" if on_cuda else "cpu")
-    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if on_cuda else torch.float32)
+    if dtype is None:
+        resolved, note = pick_precision(precision, cuda=on_cuda)
+        if note:
+            log.warning(note)
+        dtype = TORCH_DTYPES[resolved]
+    torch_dtype = getattr(torch, dtype)
     kwargs: dict[str, Any] = {
         "local_files_only": True,
         "trust_remote_code": trust_remote_code,

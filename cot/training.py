@@ -17,6 +17,7 @@ environment and hands in a ``stop_requested`` function; everything else is plain
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -371,7 +372,7 @@ def torn_after(root: str | Path, step: int) -> list[Path]:
 # --------------------------------------------------------------------------- settings
 
 
-def resolve_precision(quant: str, optim: str, cuda: bool) -> tuple[bool, str, str | None]:
+def resolve_quant_and_optim(quant: str, optim: str, cuda: bool) -> tuple[bool, str, str | None]:
     """(load in NF4, optimizer name, one log line or None) for ``--quant`` and ``--optim``.
 
     ``auto`` means NF4 and paged_adamw_8bit where CUDA is present, full precision and
@@ -418,7 +419,11 @@ def prepare_lora_model(
     gradient_checkpointing: bool,
     seed: int,
 ) -> Any:
-    """Wrap the student in LoRA adapters on q/k/v/o/up/down_proj (k-bit prepared if NF4)."""
+    """Wrap the student in LoRA adapters on q/k/v/o/up/down_proj (k-bit prepared if NF4).
+
+    Only the adapters train, in fp32, whatever dtype the base weights have.
+    """
+    import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
 
@@ -443,7 +448,13 @@ def prepare_lora_model(
         target_modules=list(LORA_TARGETS),
         bias="none",
     )
-    return get_peft_model(model, lora)
+    peft_model = get_peft_model(model, lora)
+    # Adapters train in fp32 over fp16/bf16 base weights: the fp16 GradScaler refuses to
+    # unscale fp16 gradients. peft upcasts by default; this holds whatever it does.
+    for param in peft_model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return peft_model
 
 
 # --------------------------------------------------------------------------- metrics
@@ -646,12 +657,14 @@ class TrainHParams:
     max_length: int = 1024
     overlong: str = "truncate"
     quant: str = "auto"
+    precision: str = "auto"
     optim: str = "auto"
     deepspeed: str | None = None
     save_steps: int = 50
     save_total_limit: int = 2
     logging_steps: int = 5
     gradient_checkpointing: bool = False
+    report_to: str = "none"
     resume_from_checkpoint: str | None = None
     trust_remote_code: bool = False
     seed: int = 42
@@ -691,6 +704,16 @@ class TrainOutputs:
         return self.dir / "training_loss.png"
 
     @property
+    def tensorboard(self) -> Path:
+        """``tensorboard/``: event files, with ``--report-to tensorboard``."""
+        return self.dir / "tensorboard"
+
+    @property
+    def wandb(self) -> Path:
+        """``wandb/``: the offline W&B run, with ``--report-to wandb``."""
+        return self.dir / "wandb"
+
+    @property
     def engine(self) -> Path:
         """``engine.json``: what DeepSpeed/DDP actually ran."""
         return self.dir / "engine.json"
@@ -714,10 +737,18 @@ def training_arguments(
     deepspeed: dict[str, Any] | None,
     cuda: bool,
 ) -> Any:
-    """HF TrainingArguments from the stage config (transformers 5 names)."""
+    """HF TrainingArguments from the stage config (transformers 5 names).
+
+    Mixed precision is :func:`cot.models.resolve_precision` of ``cfg.precision``, the choice
+    the loader makes for the weights.
+    """
     from transformers import TrainingArguments
 
-    bf16 = bool(cuda and _bf16_ok())
+    from cot import models
+
+    precision = models.resolve_precision(
+        cfg.precision, cuda=cuda, bf16_ok=cuda and models.bf16_supported()
+    )
     return TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=float(cfg.epochs),
@@ -734,7 +765,8 @@ def training_arguments(
         seed=int(cfg.seed),
         optim=optim,
         deepspeed=deepspeed,
-        bf16=bf16,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         use_cpu=not cuda,
         # gloo for CPU processes; with one process there is no group to back at all.
         ddp_backend=None if cuda or _world_size() == 1 else "gloo",
@@ -742,7 +774,7 @@ def training_arguments(
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
-        report_to="none",
+        report_to=cfg.report_to,  # where its files go: reporter_env
         disable_tqdm=not sys.stderr.isatty(),
         logging_first_step=True,
     )
@@ -752,10 +784,51 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
-def _bf16_ok() -> bool:
-    import torch
+# W&B modes that never reach the network (dryrun is the old name of offline).
+WANDB_QUIET_MODES = ("offline", "dryrun", "disabled")
 
-    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+def reporter_env(
+    report_to: str, out_dir: Path, environ: Mapping[str, str]
+) -> tuple[dict[str, str], str | None]:
+    """The variables that put ``--report-to``'s files in ``out_dir``, and one line or None.
+
+    TensorBoard writes to ``out_dir/tensorboard`` (HF's default is a ``runs/`` folder beside
+    the checkpoints). W&B runs offline into ``out_dir/wandb`` whatever ``WANDB_MODE`` said:
+    compute nodes must not reach the network (``wandb sync`` uploads later, from a login node).
+    """
+    if report_to == "tensorboard":
+        return {"TENSORBOARD_LOGGING_DIR": str(TrainOutputs(out_dir).tensorboard)}, None
+    if report_to != "wandb":
+        return {}, None
+    env = {"WANDB_DIR": str(out_dir)}
+    if "WANDB_PROJECT" not in environ:
+        env["WANDB_PROJECT"] = "cot-hpc"
+    mode = environ.get("WANDB_MODE", "")
+    note = None
+    if mode not in WANDB_QUIET_MODES:
+        env["WANDB_MODE"] = "offline"
+        if mode:
+            note = (
+                f"WANDB_MODE={mode} ignored: W&B runs offline on compute nodes "
+                f"(upload later with `wandb sync {TrainOutputs(out_dir).wandb}/offline-run-*`)"
+            )
+    return env, note
+
+
+@contextlib.contextmanager
+def scoped_environ(env: Mapping[str, str]) -> Iterator[None]:
+    """Set ``env`` in ``os.environ`` for the block, then put the old values back."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def build_trainer(
@@ -899,15 +972,18 @@ def run_training(
     """
     import torch
 
-    from cot.models import load_model, load_tokenizer
+    from cot.models import TORCH_DTYPES, load_model, load_tokenizer, pick_precision
 
     t0 = time.time()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = bool(torch.cuda.is_available())
-    quantized, optim, note = resolve_precision(cfg.quant, cfg.optim, cuda)
+    quantized, optim, note = resolve_quant_and_optim(cfg.quant, cfg.optim, cuda)
     if note and rank == 0:
         log.info(note)
+    precision, precision_warning = pick_precision(cfg.precision, cuda=cuda)
+    if precision_warning and rank == 0:
+        log.warning(f"train: {precision_warning}")
     tokenizer = load_tokenizer(
         cfg.student, trust_remote_code=cfg.trust_remote_code, padding_side="right"
     )
@@ -937,6 +1013,7 @@ def run_training(
         quant="nf4" if quantized else "none",
         trust_remote_code=cfg.trust_remote_code,
         device=f"cuda:{local_rank}" if cuda else "cpu",
+        dtype=TORCH_DTYPES[precision],  # resolved above, where its notice was logged once
     )
     model = prepare_lora_model(
         model,
@@ -954,8 +1031,12 @@ def run_training(
         stop_requested=stop_requested,
         world_size=int(args.world_size),
     )
-    trainer = build_trainer(model, tokenizer, examples, args, callbacks)
-    trainer.train(resume_from_checkpoint=resume)
+    env, env_note = reporter_env(cfg.report_to, outputs.dir, os.environ)
+    if env_note and rank == 0:
+        log.warning(f"train: {env_note}")
+    with scoped_environ(env):  # read by the reporters' callbacks as they start
+        trainer = build_trainer(model, tokenizer, examples, args, callbacks)
+        trainer.train(resume_from_checkpoint=resume)
     preempted = callbacks[0].stopped_at is not None
     engine = engine_info(trainer)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -21,7 +21,18 @@ from hpc.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO_ROOT / "templates"
-DEFAULT_CONFIG = TEMPLATES / "demo.yaml"
+# The tiny-model settings of the demo and the tests. Never applied unless asked for: with no
+# --config (and no $COT_HPC_CONFIG) every stage gets the dataclass defaults, the seed's values.
+DEMO_CONFIG = TEMPLATES / "demo.yaml"
+CONFIG_ENV = "COT_HPC_CONFIG"
+
+
+def default_config() -> str | None:
+    """The config file used when ``--config`` is not given: ``$COT_HPC_CONFIG``, else none."""
+    import os
+
+    return os.environ.get(CONFIG_ENV) or None
+
 
 # Constraint tags used in field metadata.
 POSITIVE = "positive"  # > 0
@@ -107,6 +118,9 @@ class ClusterFields:
     wait: bool = opt(False, "block until the stage (and its merge) finishes")
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
 @dataclass
 class ModelFields:
     """How a model folder is loaded: shared by every stage that loads one."""
@@ -115,9 +129,17 @@ class ModelFields:
         "auto", "auto: NF4 only where CUDA is present", choices=("auto", "nf4", "none")
     )
     trust_remote_code: bool = opt(False, "allow model code shipped in the model folder")
+    precision: str = opt(
+        "auto",
+        "weights and mixed precision: auto is bf16 where the GPU has it, else fp16 on CUDA and "
+        "fp32 on CPU",
+        choices=PRECISIONS,
+    )
 
 
 SERVER_PRESETS = ("vllm", "sglang", "transformers")
+KEEPS = ("all", "correct", "majority")
+PROMPT_TEMPLATE = "templates/prompts/teacher.txt"
 
 
 @dataclass
@@ -165,6 +187,11 @@ class ShardedFields(ClusterFields, ModelFields, EngineFields):
     start_index: int = opt(0, "first input record to use", check=NONNEG)
     num_samples: int | None = opt(None, "number of input records to use", check=POSITIVE)
     seed: int = opt(0, "sampling seed", check=NONNEG)
+    samples_per_question: int = opt(
+        1, "completions per question (more than 1 needs --temperature > 0)", check=POSITIVE
+    )
+    temperature: float = opt(0.0, "0 means greedy", check=NONNEG)
+    top_p: float = opt(1.0, "nucleus sampling", check=POSITIVE)
 
 
 @dataclass
@@ -202,15 +229,16 @@ class GenerateConfig(ShardedFields):
     """`generate`: sharded, batched, resumable teacher generation."""
 
     teacher: str = opt(
-        "models/tiny/teacher", "teacher model folder", aliases=("--teacher_dir",), path=PATH
+        "models/teacher", "teacher model folder", aliases=("--teacher_dir",), path=PATH
     )
-    samples_per_question: int = opt(1, "traces per question", check=POSITIVE)
-    temperature: float = opt(0.7, "0 means greedy", check=NONNEG)
-    top_p: float = opt(1.0, "nucleus sampling", check=POSITIVE)
-    keep: str = opt("all", "keep all traces or only correct ones", choices=("all", "correct"))
-    prompt_template: str = opt(
-        "templates/prompts/teacher.txt", "prompt with {question}", path=REPO_PATH
+    temperature: float = like(ShardedFields, "temperature", 0.7)
+    keep: str = opt(
+        "all",
+        "all traces; only correct ones (needs gold answers); or, with several samples, those "
+        "whose answer is the question's majority answer (needs no gold)",
+        choices=KEEPS,
     )
+    prompt_template: str = opt(PROMPT_TEMPLATE, "prompt with {question}", path=REPO_PATH)
 
 
 @dataclass
@@ -218,7 +246,7 @@ class TrainConfig(ClusterFields, ModelFields):
     """`train`: multi-node LoRA with DeepSpeed ZeRO-2, resumable from complete checkpoints."""
 
     student: str = opt(
-        "models/tiny/student", "student model folder", aliases=("--student_dir",), path=PATH
+        "models/student", "student model folder", aliases=("--student_dir",), path=PATH
     )
     data: str | None = opt(
         None, "training JSONL with question + cot (default: generate's merge)", path=PATH
@@ -249,6 +277,11 @@ class TrainConfig(ClusterFields, ModelFields):
     save_total_limit: int = opt(2, "keep the last K checkpoints", check=POSITIVE)
     logging_steps: int = opt(5, "log metrics every N steps", check=POSITIVE)
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
+    report_to: str = opt(
+        "none",
+        "training metrics: tensorboard writes under the run folder; wandb runs offline only",
+        choices=("none", "tensorboard", "wandb"),
+    )
     resume_from_checkpoint: str | None = opt(
         None, "a checkpoint folder (default: the latest)", path=PATH
     )
@@ -259,15 +292,25 @@ class TrainConfig(ClusterFields, ModelFields):
 class EvaluateConfig(ShardedFields):
     """`evaluate`: sharded scoring of the student (with or without the adapter)."""
 
-    base_model: str = opt("models/tiny/student", "student base model folder", path=PATH)
+    base_model: str = opt("models/student", "student base model folder", path=PATH)
     lora_model: str | None = opt(
-        None, "LoRA adapter folder (none: score the base model)", path=PATH
+        None, "LoRA adapter folder (none: score the base model, once)", path=PATH
     )
+    teacher: str | None = opt(
+        None,
+        "also score this teacher model folder on the test questions, and the student's "
+        "agreement with it",
+        aliases=("--teacher_dir",),
+        path=PATH,
+    )
+    teacher_prompt_template: str = like(GenerateConfig, "prompt_template", PROMPT_TEMPLATE)
     input: str = like(ShardedFields, "input", "data/test_questions.jsonl")
     # The student is trained on the raw ``### Question:`` format, so that is what it is asked in.
     prompt_format: str = like(EngineFields, "prompt_format", "raw")
     max_new_tokens: int = like(ShardedFields, "max_new_tokens", 256)
-    compare_base: bool = opt(False, "also score the base student and show the difference")
+    compare_base: bool = opt(
+        False, "with --lora-model: also score the base student and show the difference"
+    )
 
 
 STAGES: dict[str, type] = {
@@ -390,6 +433,7 @@ def load_config(
     stage: str,
     config_file: str | Path | None,
     overrides: dict[str, Any] | None = None,
+    origins: dict[str, str] | None = None,
 ) -> C:
     """Resolve a stage config: defaults, then the file's ``cluster:`` and ``<stage>:``, then flags.
 
@@ -398,8 +442,11 @@ def load_config(
         stage: the section name in the YAML file (``generate``, ``train``...).
         config_file: a YAML file of sections, or None for dataclass defaults only.
         overrides: values from CLI flags (already typed by argparse), by field name.
+        origins: filled with where each field's value came from: ``default``, ``FILE:LINE``
+            or ``flag``.
     """
     values: dict[str, Any] = {}
+    where_from: dict[str, str] = {}
     if config_file is not None:
         path = Path(config_file)
         sections = _yaml_sections(path)
@@ -412,11 +459,13 @@ def load_config(
             for key, value in sec_values.items():
                 where = f"{path}:{lines[key]}: cluster.{key}"
                 values[key] = coerce(ClusterFields, key, value, where)
+                where_from[key] = f"{path.name}:{lines[key]}"
         if stage in sections:
             sec_values, lines = sections[stage]
             for key, value in sec_values.items():
                 where = f"{path}:{lines[key]}: {stage}.{key}"
                 values[key] = coerce(cls, key, value, where)
+                where_from[key] = f"{path.name}:{lines[key]}"
                 # A file (shared, copied from a run folder, edited by someone else) never runs
                 # a model folder's code on its own: that takes the flag, each time.
                 flagged = (overrides or {}).get("trust_remote_code") is True
@@ -427,7 +476,51 @@ def load_config(
                     )
     for key, value in (overrides or {}).items():
         values[key] = coerce(cls, key, value, f"command line: --{key.replace('_', '-')}")
+        where_from[key] = "flag"
+    if origins is not None:
+        origins.update({name: where_from.get(name, "default") for name in fields_of(cls)})
     return cls(**values)
+
+
+def is_tiny_model(model: str | Path) -> bool:
+    """True for a model folder that ``tiny-models`` built (its ``build.json`` says so)."""
+    import json
+
+    stamp = Path(model).parent / "build.json"
+    try:
+        recipe = json.loads(stamp.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(recipe, dict) and "builder" in recipe and Path(model).name in recipe
+
+
+# What the launch shows of each stage's settings, in this order.
+HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
+    "generate": (
+        "teacher", "shards", "samples_per_question", "temperature", "top_p", "max_new_tokens",
+        "seed", "keep", "engine", "precision", "quant",
+    ),
+    "train": (
+        "student", "lr", "epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+        "max_length", "r", "lora_alpha", "lora_dropout", "precision", "optim", "quant",
+        "deepspeed", "nodes", "seed",
+    ),
+    "evaluate": (
+        "base_model", "lora_model", "teacher", "shards", "samples_per_question", "temperature",
+        "max_new_tokens", "engine", "precision", "quant",
+    ),
+}  # fmt: skip
+
+
+def describe_settings(stage: str, cfg: Any, origins: dict[str, str]) -> str:
+    """One line: each setting the stage's results depend on, with where its value came from."""
+    parts = []
+    for name in HYPERPARAMETERS.get(stage, ()):
+        value = getattr(cfg, name)
+        if name in ("teacher", "student", "base_model", "lora_model", "deepspeed") and value:
+            value = Path(value).name if name == "deepspeed" else value
+        parts.append(f"{name}={value} ({origins.get(name, 'default')})")
+    return f"{stage}: " + ", ".join(parts)
 
 
 def resolve_paths(cfg: C) -> C:

@@ -15,6 +15,7 @@ from typing import Any
 
 from hpc import config as C
 from hpc.errors import ConfigError
+from hpc.layout import SHARDED_STAGES
 
 Handler = Callable[[Any, argparse.Namespace], int]
 
@@ -51,9 +52,10 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
 def _config_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
-        default=str(C.DEFAULT_CONFIG),
-        help="YAML file of sections (cluster:, generate:, ...); flags override it "
-        "(default: templates/demo.yaml, tiny models)",
+        default=C.default_config(),
+        help="YAML file of sections (cluster:, generate:, ...); flags override it (default: "
+        f"${C.CONFIG_ENV}, else none: the seed's hyperparameters; the tiny-model demo "
+        "settings are --config templates/demo.yaml)",
     )
 
 
@@ -61,6 +63,23 @@ def overrides(ns: argparse.Namespace, cls: type) -> dict[str, Any]:
     """The parsed flags that are fields of the config dataclass ``cls``."""
     names = C.fields_of(cls)
     return {k: v for k, v in vars(ns).items() if k in names}
+
+
+def show_settings(stage: str, cfg: Any, origins: dict[str, str], config: str | None) -> None:
+    """Log the stage's effective settings and their origins; name the demo settings when a
+    tiny model is run with the seed's (no config file)."""
+    import logging
+
+    log = logging.getLogger("hpc.launch")
+    log.info(C.describe_settings(stage, cfg, origins))
+    if config is None:
+        for name in ("teacher", "student", "base_model"):
+            model = getattr(cfg, name, None)
+            if model and C.is_tiny_model(model):
+                log.info(
+                    f"{stage}: {model} is a tiny test model, run with the seed's settings; its "
+                    f"demo settings are --config {C.DEMO_CONFIG.relative_to(C.REPO_ROOT)}"
+                )
 
 
 # --------------------------------------------------------------------------- commands
@@ -232,9 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="STAGE.KEY=VALUE", help="per-stage override")
     p = sub.add_parser("merge", help="merge a stage's completed shards (checks every record)")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--stage", default="generate", choices=("generate", "evaluate", "evaluate_base"))
+    p.add_argument("--stage", default="generate", choices=SHARDED_STAGES)
     p.add_argument("--output", help="also copy the merged file here (atomically)")
-    p.add_argument("--keep", choices=("all", "correct"), help="default: the launch's --keep")
+    p.add_argument("--keep", choices=C.KEEPS, help="default: the launch's --keep")
     p = sub.add_parser("status", help="where a run stands: shards, records, requeues, jobs")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -257,7 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "pipeline":
             return cmd_pipeline(ns)
         section, cls, handler, _ = COMMANDS[ns.command]
-        cfg: Any = C.load_config(cls, section, ns.config, overrides(ns, cls))
+        origins: dict[str, str] = {}
+        cfg: Any = C.load_config(cls, section, ns.config, overrides(ns, cls), origins)
+        if section in C.HYPERPARAMETERS:
+            show_settings(section, cfg, origins, ns.config)
         return handler(cfg, ns)
     except CotError as e:
         print(f"error: {e}", file=sys.stderr)

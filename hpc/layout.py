@@ -21,7 +21,7 @@ from cot.training import TrainOutputs
 
 __all__ = ["SHARDED_STAGES", "RunLayout", "StageLayout", "TrainOutputs", "shard_name"]
 
-SHARDED_STAGES = ("generate", "evaluate", "evaluate_base")
+SHARDED_STAGES = ("generate", "evaluate", "evaluate_base", "evaluate_teacher")
 
 
 def shard_name(index: int) -> str:

@@ -62,8 +62,18 @@ def stages_of(st: Stages) -> list[Any]:
 
     rd = str(Path(st.generate.run_dir).resolve())
     train = TrainStage(dataclasses.replace(st.train, run_dir=rd))
+    # The report scores the teacher that wrote the training data on the same test questions,
+    # with its prompt, unless the evaluate section names another.
     ev = dataclasses.replace(
-        st.evaluate, run_dir=rd, lora_model=st.evaluate.lora_model or str(train.out.adapter)
+        st.evaluate,
+        run_dir=rd,
+        lora_model=st.evaluate.lora_model or str(train.out.adapter),
+        teacher=st.evaluate.teacher or st.generate.teacher,
+        teacher_prompt_template=(
+            st.evaluate.teacher_prompt_template
+            if st.evaluate.teacher
+            else st.generate.prompt_template
+        ),
     )
     gen = GenerateStage(dataclasses.replace(st.generate, run_dir=rd))
     return [gen, train, *evaluation_stages(ev, after=("train",))]
@@ -79,7 +89,10 @@ def run_pipeline(st: Stages) -> int:
 
     def prepare() -> None:
         ensure_inputs(
-            [gen.input, ev.input], st.data, st.tiny, [gen.teacher, train.student, ev.base_model]
+            [gen.input, ev.input],
+            st.data,
+            st.tiny,
+            [gen.teacher, train.student, ev.base_model, *([ev.teacher] if ev.teacher else [])],
         )
         log.info(f"pipeline: run folder {gen.run_dir}")
 

@@ -486,8 +486,10 @@ def write_merged(
     """Merge shards into ``stage_dir/merged.jsonl`` atomically and copy it to each output.
 
     Args:
-        keep: optional predicate on a record; records it rejects are left out (and counted
-            per category). Without it the merge copies verified blocks and never parses JSON.
+        keep: optional filter, called with the records of one question (its samples, in plan
+            order: they are adjacent in the merged order) and returning one bool per record;
+            records it rejects are left out (and counted per category). Without it the merge
+            copies verified blocks and never parses JSON.
 
     Returns:
         counts: total, kept, errors (records the engine could not produce, with their reason),
@@ -502,14 +504,16 @@ def write_merged(
             total = kept = _merge_fast(stage_dir, plan, out)
     else:
         with atomic_open(merged) as out:
-            for line, rec in iter_merged(stage_dir, plan):
-                total += 1
-                cat = per_cat.setdefault(str(rec.get("category", "all")), [0, 0])
-                cat[1] += 1
-                if keep(rec):
-                    out.write(line)
-                    kept += 1
-                    cat[0] += 1
+            for group in _questions(iter_merged(stage_dir, plan)):
+                verdicts = keep([rec for _, rec in group])
+                for (line, rec), ok in zip(group, verdicts, strict=True):
+                    total += 1
+                    cat = per_cat.setdefault(str(rec.get("category", "all")), [0, 0])
+                    cat[1] += 1
+                    if ok:
+                        out.write(line)
+                        kept += 1
+                        cat[0] += 1
     for dest in outputs:
         _copy_atomic(merged, Path(dest))
     return {
@@ -518,6 +522,20 @@ def write_merged(
         "errors": marked_errors(stage_dir, plan),
         "per_category": per_cat,
     }
+
+
+def _questions(
+    lines: Iterable[tuple[str, dict[str, Any]]],
+) -> Iterator[list[tuple[str, dict[str, Any]]]]:
+    """Group merged lines by question: the samples of one id are adjacent in plan order."""
+    group: list[tuple[str, dict[str, Any]]] = []
+    for item in lines:
+        if group and item[1]["id"] != group[0][1]["id"]:
+            yield group
+            group = []
+        group.append(item)
+    if group:
+        yield group
 
 
 def marked_errors(stage_dir: Path, plan: Plan) -> int:

@@ -56,11 +56,11 @@ def max_positions(model_dir: str) -> int | None:
 
 
 def decoding_of(cfg: ShardedFields) -> Decoding:
-    """The decoding settings of a stage (evaluation is greedy)."""
+    """The decoding settings of a stage (greedy at temperature 0)."""
     return Decoding(
         max_new_tokens=cfg.max_new_tokens,
-        temperature=float(getattr(cfg, "temperature", 0.0)),
-        top_p=float(getattr(cfg, "top_p", 1.0)),
+        temperature=float(cfg.temperature),
+        top_p=float(cfg.top_p),
     )
 
 
@@ -141,8 +141,6 @@ def open_engine(
     positions = max_positions(model_dir)
     limit = PromptLimit(tok, positions, cfg.max_new_tokens) if tok else None
     if cfg.engine == "hf":
-        from jobs.sharded import batch_seed
-
         if tok is None:
             from cot.models import check_model_dir
 
@@ -154,7 +152,6 @@ def open_engine(
                 decoding,
                 batch_size=cfg.batch_size,
                 max_positions=positions,
-                batch_seed=lambda keys: batch_seed(cfg.seed, keys),
             ),
             tok,
         )

@@ -55,7 +55,10 @@ class GenerateShard(ServerCheckpointable):
         def session() -> Iterator[Session]:
             def load() -> Any:
                 return load_model(
-                    cfg.teacher, quant=cfg.quant, trust_remote_code=cfg.trust_remote_code
+                    cfg.teacher,
+                    quant=cfg.quant,
+                    trust_remote_code=cfg.trust_remote_code,
+                    precision=cfg.precision,
                 )
 
             with open_engine(cfg, cfg.teacher, stage, shard, load_model=load) as (engine, tok):

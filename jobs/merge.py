@@ -19,9 +19,49 @@ from hpc.distributed import ignore_late_signals
 from hpc.layout import RunLayout
 
 
-def keep_correct(rec: dict[str, Any]) -> bool:
+def keep_correct(group: list[dict[str, Any]]) -> list[bool]:
     """``--keep correct``: only traces whose teacher answer matches the gold answer."""
-    return rec.get("correct") is True
+    return [rec.get("correct") is True for rec in group]
+
+
+class KeepMajority:
+    """``--keep majority``: per question, the traces whose answer is the majority answer of its
+    samples (self-consistency). Needs no gold. Answers vote as equal when ``answers_match``
+    says so; a tie between the most voted answers goes to the one whose first sample comes
+    first, and is counted. A question whose samples gave no answer keeps nothing.
+    """
+
+    def __init__(self) -> None:
+        self.questions = self.ties = self.no_answer = self.unanimous = 0
+        self.samples = self.agreeing = 0
+
+    def __call__(self, group: list[dict[str, Any]]) -> list[bool]:
+        from cot.answers import answers_match
+        from cot.evaluation import majority_vote
+
+        preds = [rec.get("teacher_answer") for rec in group]
+        vote = majority_vote((rec["sample"], p) for rec, p in zip(group, preds, strict=True))
+        self.questions += 1
+        self.samples += len(group)
+        if vote.answer is None:
+            self.no_answer += 1
+            return [False] * len(group)
+        keep = [p is not None and answers_match(p, vote.answer) for p in preds]
+        self.ties += vote.tied
+        self.agreeing += sum(keep)
+        self.unanimous += all(keep)
+        return keep
+
+    def summary(self) -> dict[str, Any]:
+        """Agreement and ties over the questions voted on, for merge.json."""
+        return {
+            "questions": self.questions,
+            "ties": self.ties,
+            "no_answer": self.no_answer,
+            "unanimous": self.unanimous,
+            # The share of samples that gave their question's majority answer.
+            "agreement": self.agreeing / self.samples if self.samples else None,
+        }
 
 
 class Merge(submitit.helpers.Checkpointable):
@@ -33,13 +73,16 @@ class Merge(submitit.helpers.Checkpointable):
         layout = RunLayout(Path(run_dir)).stage(stage)
         stage_dir = layout.dir
         plan = S.load_plan(stage_dir)
+        majority = KeepMajority() if keep == "majority" else None
         counts = S.write_merged(
             stage_dir,
             plan,
             [Path(o) for o in outputs],
-            keep=keep_correct if keep == "correct" else None,
+            keep=keep_correct if keep == "correct" else majority,
         )
         counts.update(stage=stage, keep=keep, outputs=outputs, merged=str(layout.merged))
+        if majority is not None:
+            counts["majority"] = majority.summary()
         atomic_write_text(layout.merge_summary, json.dumps(counts, indent=1))
         ignore_late_signals()
         return counts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +12,31 @@ from hpc.layout import RunLayout
 
 
 class Report(submitit.helpers.Checkpointable):
-    """Write the evaluation report; with ``compare_base`` also score the base student."""
+    """Write the evaluation report of the models scored in this run folder.
 
-    def __call__(self, run_dir: str, compare_base: bool = False) -> dict[str, Any]:
+    ``models`` maps ``student`` (and ``base``, ``teacher`` where scored) to the stage folder
+    whose merged predictions hold that model's scores. Without ``base`` and with no adapter the
+    student *is* the base student, and is labelled so.
+    """
+
+    def __call__(
+        self, run_dir: str, models: dict[str, str], student_label: str = "student + LoRA"
+    ) -> dict[str, Any]:
         from cot.evaluation import write_report
 
         run = RunLayout(Path(run_dir))
-        base = run.stage("evaluate_base").merged if compare_base else None
-        report = write_report(run.results, run.stage("evaluate").merged, base)
+
+        def merged(role: str) -> Path | None:
+            return run.stage(models[role]).merged if role in models else None
+
+        generated = run.stage("generate").merge_summary
+        report = write_report(
+            run.results,
+            run.stage(models["student"]).merged,
+            base=merged("base"),
+            teacher=merged("teacher"),
+            student_label=student_label,
+            training_data=json.loads(generated.read_text()) if generated.exists() else None,
+        )
         report["report_md"] = str(run.report_md)
         return report

@@ -63,12 +63,6 @@ def record_head(rec: dict[str, Any], sample: int) -> dict[str, Any]:
     }
 
 
-def batch_seed(seed: int, keys: list[S.Key]) -> int:
-    """A sampling seed that depends only on the batch's keys, so a rerun samples the same."""
-    h = hashlib.sha256(f"{seed}:{keys}".encode()).hexdigest()
-    return int(h[:8], 16)
-
-
 def task_info() -> dict[str, Any]:
     """Who is running this attempt (logged in attempts/<shard>)."""
     env = os.environ
@@ -110,8 +104,10 @@ def stop_on_sigterm() -> Iterator[Callable[[], bool]]:
 
 
 def request_seed(seed: int, key: S.Key) -> int:
-    """A per-request sampling seed that depends only on the run's seed and the record key."""
-    return batch_seed(seed, [key])
+    """A per-request 32-bit sampling seed that depends only on the run's seed and the record
+    key (id, sample): the same in any batch, any shard count and after any resume."""
+    h = hashlib.sha256(f"{seed}:{[key]}".encode()).hexdigest()
+    return int(h[:8], 16)
 
 
 # What a stage gives the loop: an engine opener (it loads the model or starts the server only

@@ -13,6 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("COT_HPC_POLL_S", "2")
+# Every CLI run of the tests (in-process and in subprocesses) gets the tiny-model demo settings
+# unless it names a config; tests of the seed's defaults remove the variable.
+os.environ["COT_HPC_CONFIG"] = str(REPO / "templates" / "demo.yaml")
 
 from hpc import logs  # noqa: E402 - after the environment it reads
 

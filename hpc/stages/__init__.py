@@ -38,21 +38,39 @@ STATUS: dict[str, Any] = {
     "generate": ShardedStage,
     "evaluate": ShardedStage,
     "evaluate_base": ShardedStage,
+    "evaluate_teacher": ShardedStage,
     "train": TrainStage,
     "report": ReportStage,
 }
 
 
 def evaluation_stages(cfg: EvaluateConfig, *, after: tuple[str, ...] = ()) -> list[Stage]:
-    """The student's scores, the base student's when ``compare_base``, then the report.
+    """The student's scores, the base student's (``compare_base``, with an adapter only: without
+    one there is one model, scored once), the teacher's (``teacher``), then the report.
 
     Args:
         after: what the student's scores wait for (``("train",)`` in a pipeline). Without it,
             as in the ``evaluate`` command, the report is always rewritten.
     """
     stages: list[Stage] = [EvaluateStage(cfg, after=after)]
-    if cfg.compare_base:
+    if cfg.compare_base and cfg.lora_model:
         base = dataclasses.replace(cfg, lora_model=None, output=None)
         stages.append(EvaluateStage(base, name="evaluate_base", after=()))
+    if cfg.teacher:
+        stages.append(EvaluateStage(teacher_config(cfg), name="evaluate_teacher", after=()))
     stages.append(ReportStage(cfg, always=not after))
     return stages
+
+
+def teacher_config(cfg: EvaluateConfig) -> EvaluateConfig:
+    """The evaluate config that scores the teacher on the same test questions: the teacher's
+    folder as the model, no adapter, its own prompt template, chat where it has a template."""
+    assert cfg.teacher
+    return dataclasses.replace(
+        cfg,
+        base_model=cfg.teacher,
+        lora_model=None,
+        output=None,
+        prompt_format="auto",
+        compare_base=False,
+    )

@@ -29,7 +29,7 @@ class ReportStage(Stage):
     """
 
     name = "report"
-    after = ("evaluate", "evaluate_base")
+    after = ("evaluate", "evaluate_base", "evaluate_teacher")
 
     def __init__(self, cfg: EvaluateConfig, *, always: bool = False):
         super().__init__(RunLayout(Path(cfg.run_dir)))
@@ -52,7 +52,8 @@ class ReportStage(Stage):
         if jid and not any(h.new for h in after) and jid in backend.live([jid]):
             log.info(f"report: job {jid} is already queued or running; not resubmitted")
             return backend.attach([jid], ["report"])
-        call = Call(Report(), (str(self.layout.root), self.cfg.compare_base), "report")
+        label = "student + LoRA" if self.cfg.lora_model else "base student"
+        call = Call(Report(), (str(self.layout.root), report_models(self.cfg), label), "report")
 
         def recorded(_: list[int], ids: list[str]) -> None:
             runs.Submission(self.layout.root, self.name, backend.kind, job=ids[0])
@@ -87,13 +88,26 @@ class ReportStage(Stage):
         return layout.report_json
 
 
+def report_models(cfg: EvaluateConfig) -> dict[str, str]:
+    """The report's models and the stage folder that scored each: the student (with its adapter,
+    or the base student alone), the base student, the teacher."""
+    models = {"student": "evaluate"}
+    if cfg.lora_model and cfg.compare_base:
+        models["base"] = "evaluate_base"
+    if cfg.teacher:
+        models["teacher"] = "evaluate_teacher"
+    return models
+
+
 def report_text(report: dict[str, Any], *, full: bool = False) -> str:
     """Where the report is, then its headline (or, with ``full``, the whole markdown)."""
     head = f"report: {report['report_md']}"
     if full:
         return head + "\n" + Path(report["report_md"]).read_text()
+    from cot.evaluation import accuracy_text
+
     o = report["student"]["overall"]
     return (
-        f"{head}\naccuracy {o['accuracy']:.1%}  format compliance "
+        f"{head}\naccuracy {accuracy_text(o)}  format compliance "
         f"{o['format_compliance']:.1%}  n={o['n']}"
     )

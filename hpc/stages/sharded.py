@@ -49,6 +49,14 @@ def describe(counts: dict[str, Any]) -> str:
     if counts["keep"] != "all":
         for cat, (kept, total) in sorted(counts["per_category"].items()):
             lines.append(f"  {cat:<16} kept {kept:>6} of {total:>6}")
+    vote = counts.get("majority")
+    if vote:
+        share = "-" if vote["agreement"] is None else f"{vote['agreement']:.1%}"
+        lines.append(
+            f"  majority vote over {vote['questions']} questions: {share} of samples agree "
+            f"with their majority, {vote['unanimous']} unanimous, {vote['ties']} ties, "
+            f"{vote['no_answer']} without any answer"
+        )
     for o in counts["outputs"]:
         lines.append(f"  copied to {o}")
     return "\n".join(lines)
@@ -80,6 +88,21 @@ def check_engine(cfg: C.ShardedFields, adapter: str | None = None) -> None:
         return
     # Builds the command once with placeholder values: a bad template fails here, not per task.
     server_argv(cfg.server_command or cfg.server, model="MODEL", port=1, adapter=adapter)
+
+
+def check_sampling(cfg: C.ShardedFields, keep: str = "all") -> None:
+    """Refuse sampling settings that cannot give what they ask for."""
+    k = cfg.samples_per_question
+    if k > 1 and cfg.temperature == 0:
+        raise ConfigError(
+            f"--samples-per-question {k} at --temperature 0 would write {k} identical copies of "
+            "each greedy answer; give --temperature > 0 (e.g. 0.7) or --samples-per-question 1"
+        )
+    if keep == "majority" and k < 2:
+        raise ConfigError(
+            "--keep majority votes among several samples of each question: give "
+            "--samples-per-question 2 or more (with --temperature > 0)"
+        )
 
 
 def model_is_remote(cfg: C.ShardedFields, model: str) -> bool:
@@ -124,6 +147,7 @@ class ShardedStage(Stage):
             cfg.input, start_index=cfg.start_index, num_samples=cfg.num_samples
         )
         check_engine(cfg, adapter=getattr(cfg, "lora_model", None))
+        check_sampling(cfg, self.keep)
         self.check_models(produced)
         if self.keep == "correct" and not any("answer" in r for r in records):
             raise ConfigError(f"{cfg.input}: --keep correct needs an `answer` field in the input")
@@ -145,6 +169,7 @@ class ShardedStage(Stage):
                 "engine": cfg.engine,
                 "prompt_format": cfg.prompt_format,
                 "quant": cfg.quant,
+                "precision": cfg.precision,
             }
             if cfg.engine == "server":
                 engine.update(
@@ -156,8 +181,8 @@ class ShardedStage(Stage):
                 "engine": engine,
                 "decoding": {
                     "max_new_tokens": cfg.max_new_tokens,
-                    "temperature": float(getattr(cfg, "temperature", 0.0)),
-                    "top_p": float(getattr(cfg, "top_p", 1.0)),
+                    "temperature": float(cfg.temperature),
+                    "top_p": float(cfg.top_p),
                     "seed": cfg.seed,
                     "samples": self.samples,
                 },
@@ -430,7 +455,8 @@ class GenerateStage(ShardedStage):
 
 
 class EvaluateStage(ShardedStage):
-    """``evaluate`` (the student with its adapter) or ``evaluate_base`` (without)."""
+    """``evaluate`` (the student with its adapter), ``evaluate_base`` (without) or
+    ``evaluate_teacher`` (the teacher, prompted as generation prompts it)."""
 
     def __init__(
         self,
@@ -442,13 +468,24 @@ class EvaluateStage(ShardedStage):
     ):
         from jobs.evaluate import EvaluateShard
 
-        super().__init__(cfg, worker or EvaluateShard(), name=name)
-        self.ev, self.after = cfg, after
+        teacher = name == "evaluate_teacher"
+        super().__init__(
+            cfg,
+            worker or EvaluateShard(teacher=teacher),
+            name=name,
+            samples=cfg.samples_per_question,
+        )
+        self.ev, self.after, self.teacher = cfg, after, teacher
 
     def model_fields(self) -> dict[str, Any]:
         from hpc import fingerprint
 
         lora = self.ev.lora_model
+        if self.teacher:
+            return {
+                "teacher": fingerprint.model(self.ev.base_model),
+                "prompt_template": fingerprint.text_file(self.ev.teacher_prompt_template),
+            }
         return {
             "base_model": fingerprint.model(self.ev.base_model),
             # An adapter this run trains is pinned by the train stage's own fingerprint.
@@ -466,3 +503,7 @@ class EvaluateStage(ShardedStage):
             check_remote_code(check_model_dir(self.ev.base_model), self.ev.trust_remote_code)
         if self.ev.lora_model and Path(self.ev.lora_model) not in produced:
             check_adapter_dir(self.ev.lora_model)
+        if self.teacher:
+            from cot.prompts import load_template
+
+            load_template(self.ev.teacher_prompt_template)

@@ -1,7 +1,8 @@
 """The ``train`` stage: ONE job of nodes x tasks_per_node processes, each running ``Train``.
 
-1. Validate the data (file:line errors), the student folder and the DeepSpeed config before
-   anything is submitted; a bad input exits non-zero with nothing queued.
+1. Validate the data (file:line errors), the student folder, the DeepSpeed config and the
+   package ``--report-to`` needs before anything is submitted; a bad input exits non-zero with
+   nothing queued.
 2. Skip a training that is already complete, and one whose job is still queued or running.
 3. Submit one job; on the local backend the same world size runs as processes on this machine.
 4. While waiting, print progress from metrics.jsonl; at the end, the summary.
@@ -52,6 +53,25 @@ def job_shape(cfg: C.TrainConfig) -> Resources:
     return Resources(nodes=cfg.nodes, tasks_per_node=tasks, gpus_per_node=gpus)
 
 
+# The packages each --report-to needs (any one of them): HF's callbacks import them.
+REPORTER_PACKAGES: dict[str, tuple[str, ...]] = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "wandb": ("wandb",),
+}
+
+
+def check_reporter(report_to: str) -> None:
+    """Refuse a ``--report-to`` whose package is not installed (looked up, not imported)."""
+    import importlib.util
+
+    packages = REPORTER_PACKAGES.get(report_to, ())
+    if packages and not any(importlib.util.find_spec(name) for name in packages):
+        raise ConfigError(
+            f"--report-to {report_to} needs the {packages[0]} package, which is not installed: "
+            f"pip install {packages[0]} (or --report-to none)"
+        )
+
+
 def validate_config(cfg: C.TrainConfig, *, check_data: bool = True) -> int:
     """Check everything a training job would trip over; returns the number of records."""
     from cot.models import check_model_dir, check_remote_code
@@ -64,6 +84,7 @@ def validate_config(cfg: C.TrainConfig, *, check_data: bool = True) -> int:
     if cfg.resume_from_checkpoint and not Path(cfg.resume_from_checkpoint).is_dir():
         raise ConfigError(f"--resume-from-checkpoint {cfg.resume_from_checkpoint}: no such folder")
     job_shape(cfg)
+    check_reporter(cfg.report_to)
     return n
 
 
@@ -101,7 +122,7 @@ class TrainStage(Stage):
                 for k in (
                     "epochs", "max_steps", "lr", "per_device_train_batch_size",
                     "gradient_accumulation_steps", "r", "lora_alpha", "lora_dropout",
-                    "max_length", "overlong", "optim", "quant", "seed",
+                    "max_length", "overlong", "optim", "quant", "precision", "seed",
                 )
             }  # fmt: skip
             self._fp = {

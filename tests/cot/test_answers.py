@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import cot.answers
 from cot.answers import answers_match, extract_final_answer
 
 # --------------------------------------------------------------------------- extraction
@@ -37,20 +38,63 @@ def test_extract_each_marker(text: str, expected: str) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        # Earlier plain "Answer:" beats a later "Final Answer:".
-        ("Answer: 5\nFinal Answer: 6", "5"),
-        # "Final Answer:" starts before the "Answer:" it contains.
-        ("Final Answer: 6\nAnswer: 5", "6"),
-        ("#### 3\nThe answer is 4", "3"),
-        ("The answer is 4\n#### 3", "4"),
-        (r"\boxed{8} then Final Answer: 9", "8"),
+        # The two cases: an explicit Final Answer line beats every earlier marker.
+        ("Step: Answer: the sum\nFinal Answer: 36", "36"),
+        ("The answer is 12 because... Final Answer: 13", "13"),
+        # Changed (the first marker used to win): "5", "8".
+        ("Answer: 5\nFinal Answer: 6", "6"),
+        (r"\boxed{8} then Final Answer: 9", "9"),
+        ("Final Answer: 6\nAnswer: 5", "6"),  # a Final Answer line also beats later markers
+        ("Final Answer: 9\nThe answer is 10\n#### 11", "9"),
+        ("Final Answer: 12\nWait, recheck.\n**Final Answer:** 13", "13"),  # the last one
+        ("The answer is 3.\nFinal Answer:\n\n  **7**\nso 8", "7"),  # answer on the next line
+        (r"\boxed{1} Final Answer: \boxed{2}", "2"),  # a box in the Final line is unwrapped
         (r"Final Answer: 9 and \boxed{8}", "8"),
-        ("I think 10. The answer is 11.\nAnswer: 12", "11."),
-        # The rest of the winning marker's line is taken as is, later markers included.
-        ("The answer is 11. Answer: 12", "11. Answer: 12"),
+        ("final answer: 4\nFINAL ANSWER: 5", "5"),
     ],
 )
-def test_first_marker_wins(text: str, expected: str) -> None:
+def test_last_final_answer_line_wins(text: str, expected: str) -> None:
+    assert extract_final_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # Without a Final Answer line the last marker wins. Changed: these were "3", "4",
+        # "11." and "11. Answer: 12" while the first marker won.
+        ("#### 3\nThe answer is 4", "4"),
+        ("The answer is 4\n#### 3", "3"),
+        ("I think 10. The answer is 11.\nAnswer: 12", "12"),
+        ("The answer is 11. Answer: 12", "12"),
+        (r"Answer: 7 \boxed{8}", "8"),
+        (r"\boxed{8} Answer: 7", "7"),
+        ("Answer: 1\nAnswer: 2\nAnswer: 3", "3"),
+    ],
+)
+def test_last_marker_wins_without_final_answer_line(text: str, expected: str) -> None:
+    assert extract_final_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # A marker that yields nothing is not complete: the last complete one wins.
+        ("The answer is 5.\nAnswer:", "5."),
+        ("#### 4\n\\boxed{}", "4"),
+        ("Answer: 4\n####   \n\n", "4"),
+        ("Answer: 4\nThe answer is", "4"),
+        ("Answer: 4\n\\boxed{ }", "4"),
+        # ... for a Final Answer line too: an empty last one leaves the one before it.
+        ("Final Answer: 12\nFinal Answer:", "12"),
+        ("Final Answer: 12\nFinal Answer: \\boxed{}", "12"),
+        # Only empty Final Answer markers: as if there were none.
+        ("\\boxed{12}\nFinal Answer:", "12"),
+        # An unclosed box is complete: it yields the rest of its line.
+        ("Answer: 3\n\\boxed{12\nnext", "12"),
+        ("Final Answer: 3\n\\boxed{12\nnext", "3"),
+    ],
+)
+def test_last_complete_marker_wins(text: str, expected: str) -> None:
     assert extract_final_answer(text) == expected
 
 
@@ -85,7 +129,18 @@ def test_fallback_last_number(text: str, expected: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "   ", "no numbers here", "Final Answer:", "Final Answer:   \n  \n", r"\boxed{}", "####"],
+    [
+        "",
+        "   ",
+        "no numbers here",
+        "Final Answer:",
+        "Final Answer:   \n  \n",
+        r"\boxed{}",
+        "####",
+        # Markers but none complete: no fallback to the last number (as before).
+        "We got 12.\nFinal Answer:",
+        "12 then #### \\boxed{}\nAnswer: **",
+    ],
 )
 def test_extract_returns_none(text: str) -> None:
     assert extract_final_answer(text) is None
@@ -295,3 +350,76 @@ _BIG = "1" + "0" * 3999  # exactly MAX_DIGITS digits: still read as a number
 )
 def test_normalisation_edges(pred: str, gold: str, expected: bool) -> None:
     assert answers_match(pred, gold) is expected
+
+
+# --------------------------------------------------------------------------- gold reduction
+
+_GSM8K_GOLD = (
+    "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+    "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n"
+    "#### 72"
+)
+
+
+def test_reduce_gold_gsm8k_solution() -> None:
+    assert cot.answers.reduce_gold(_GSM8K_GOLD) == ("72", True)
+    assert cot.answers.reduce_gold(_GSM8K_GOLD + "\n") == ("72", True)
+    assert answers_match("72", cot.answers.reduce_gold(_GSM8K_GOLD)[0])
+    # Thousands commas are kept as written; matching reads them.
+    assert cot.answers.reduce_gold("So 500 + 500 = <<500+500=1000>>1000.\n#### 1,000") == (
+        "1,000",
+        True,
+    )
+
+
+def test_reduce_gold_boxed_solution() -> None:
+    gold = r"Half of it: $\boxed{\frac{1}{2}}$."
+    assert cot.answers.reduce_gold(r"\boxed{\frac{1}{2}}") == (r"\frac{1}{2}", True)
+    assert cot.answers.reduce_gold(gold) == (r"\frac{1}{2}", True)
+    assert answers_match("1/2", cot.answers.reduce_gold(gold)[0])
+    assert answers_match("0.5", cot.answers.reduce_gold(r"\boxed{\frac{1}{2}}")[0])
+
+
+@pytest.mark.parametrize(
+    ("gold", "expected"),
+    [
+        ("Work it out.\nFinal Answer: 18", "18"),
+        ("Steps.\n**Final Answer:**\n\n3/4\n", "3/4"),
+        ("Final Answer: 5\nFinal Answer: 6", "6"),
+        # The same rule as predictions: a Final Answer line beats ####.
+        ("Final Answer: 7\n#### 8", "7"),
+        ("#### 8\n#### 9", "9"),  # the last ####
+    ],
+)
+def test_reduce_gold_final_answer_and_hashes(gold: str, expected: str) -> None:
+    assert cot.answers.reduce_gold(gold) == (expected, True)
+
+
+@pytest.mark.parametrize(
+    "gold",
+    [
+        "18",
+        "3/4",
+        "x = 5",
+        "Paris",
+        "1,000",
+        "-7",
+        "2:3",
+        "New York",
+        "Answer: 5",  # only ####, Final Answer: and \boxed{ trigger a reduction
+        "The answer is 5",
+        "1 + 2 = 3",
+    ],
+)
+def test_reduce_gold_keeps_plain_answers(gold: str) -> None:
+    assert cot.answers.reduce_gold(gold) == (gold, False)
+    assert cot.answers.reduce_gold(f"  {gold}\n") == (gold, False)
+
+
+@pytest.mark.parametrize("gold", ["####", "#### ", "Final Answer:", r"\boxed{}", "  ####  \n"])
+def test_reduce_gold_that_reduces_to_nothing_stays(gold: str) -> None:
+    assert cot.answers.reduce_gold(gold) == (gold.strip(), False)
+
+
+def test_reduce_gold_is_public() -> None:
+    assert "reduce_gold" in cot.answers.__all__

@@ -151,3 +151,37 @@ def test_next_turn_stop_of_the_seed_templates_and_the_cut() -> None:
     assert cut_at_stop(text, ["\nQ:"]) == "2+2=4\nFinal Answer: 4\n"
     assert cut_at_stop(text, ["\nA:", "\nQ:"]) == "2+2=4\nFinal Answer: 4\n"  # the first one
     assert cut_at_stop(text, []) == text and cut_at_stop(text, ["zzz"]) == text
+
+
+def test_keyed_sampler_draws_from_the_softmax_and_its_nucleus() -> None:
+    import collections
+
+    import torch
+
+    from cot.generation import KeyedSampler
+
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    none = torch.zeros((1, 0), dtype=torch.long)
+    for top_p, want in ((1.0, torch.softmax(logits, -1)[0]), (0.8, None)):
+        counts: collections.Counter[int] = collections.Counter()
+        for seed in range(4000):
+            counts[int(KeyedSampler([seed], 0, 1.0, top_p)(none, logits).argmax())] += 1
+        if want is None:  # top_p 0.8 keeps tokens 0 and 1 (0.665 + 0.245 >= 0.8)
+            p = torch.softmax(logits[0, :2], -1)
+            want = torch.tensor([p[0], p[1], 0.0])
+        for tok in range(3):
+            assert abs(counts[tok] / 4000 - float(want[tok])) < 0.025, (top_p, counts)
+
+
+def test_a_sampled_record_is_the_same_in_any_batch(teacher, dataset_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    # A resumed shard batches its remaining records differently: what a record samples must
+    # depend only on its own seed, never on what it is batched with.
+    model, tok = teacher
+    ps = prompts(dataset_dir, 6)
+    kw = {"max_new_tokens": 48, "temperature": 1.0, "top_p": 0.95}
+    together, _ = generate_batch(model, tok, ps, seeds=[11, 12, 13, 14, 15, 16], **kw)
+    alone = [generate_batch(model, tok, [ps[i]], seeds=[11 + i], **kw)[0][0] for i in (5, 2, 0)]
+    assert alone == [together[5], together[2], together[0]]
+    # Different seeds for one prompt give different samples (several samples per question).
+    draws = {generate_batch(model, tok, [ps[0]], seeds=[s], **kw)[0][0] for s in range(6)}
+    assert len(draws) > 1

@@ -219,3 +219,141 @@ def test_a_rebuild_that_fails_as_it_lands_keeps_the_previous_model(
     assert {p.name: p.read_bytes() for p in (out / "teacher").iterdir()} == before
     assert sorted(p.name for p in out.iterdir()) == ["student", "teacher"]
     load_tokenizer(out / "teacher")
+
+
+# --------------------------------------------------------------------------- precision
+
+# Every (--precision, CUDA present, GPU has native bf16) case and what it resolves to.
+PRECISION_MATRIX = {
+    ("auto", True, True): "bf16",
+    ("auto", True, False): "fp16",  # V100/T4: fp16 mixed precision, not fp32
+    ("auto", False, True): "fp32",
+    ("auto", False, False): "fp32",
+    ("bf16", True, True): "bf16",
+    ("bf16", True, False): "bf16",  # asked for: kept (emulated), with a notice
+    ("bf16", False, True): "fp32",
+    ("bf16", False, False): "fp32",
+    ("fp16", True, True): "fp16",
+    ("fp16", True, False): "fp16",
+    ("fp16", False, True): "fp32",
+    ("fp16", False, False): "fp32",
+    ("fp32", True, True): "fp32",
+    ("fp32", True, False): "fp32",
+    ("fp32", False, True): "fp32",
+    ("fp32", False, False): "fp32",
+}
+
+
+@pytest.mark.parametrize(
+    ("case", "want"),
+    sorted(PRECISION_MATRIX.items()),
+    ids=[
+        f"{p}-{'cuda' if c else 'cpu'}-{'bf16' if b else 'nobf16'}"
+        for p, c, b in sorted(PRECISION_MATRIX)
+    ],
+)
+def test_precision_resolves_over_the_whole_matrix(case: tuple[str, bool, bool], want: str) -> None:
+    from cot.models import precision_note, resolve_precision
+
+    precision, cuda, bf16_ok = case
+    got = resolve_precision(precision, cuda=cuda, bf16_ok=bf16_ok)
+    assert got == want
+    note = precision_note(precision, cuda=cuda, bf16_ok=bf16_ok)
+    # A notice exactly where an explicit choice is not what runs natively, one line each.
+    explicit_fallback = precision in ("bf16", "fp16") and not cuda
+    emulated = precision == "bf16" and cuda and not bf16_ok
+    assert (note is not None) == (explicit_fallback or emulated)
+    if note is not None:
+        assert "\n" not in note and precision in note
+        assert ("fp32" in note) == explicit_fallback
+
+
+def test_unknown_precision_is_refused() -> None:
+    from cot.errors import InputError
+    from cot.models import resolve_precision
+
+    with pytest.raises(InputError, match=r"precision must be auto, bf16, fp16 or fp32"):
+        resolve_precision("fp8", cuda=True, bf16_ok=True)
+
+
+class _Loaded:
+    """What a patched from_pretrained returns: records where it was moved."""
+
+    def __init__(self) -> None:
+        self.moved_to: str | None = None
+
+    def to(self, device: str) -> _Loaded:
+        self.moved_to = device
+        return self
+
+    def eval(self) -> _Loaded:
+        return self
+
+
+@pytest.fixture()
+def from_pretrained_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
+    """The keyword arguments of every AutoModelForCausalLM.from_pretrained call (none loads)."""
+    from transformers import AutoModelForCausalLM
+
+    calls: list[dict[str, object]] = []
+
+    def fake(path: str, **kwargs: object) -> _Loaded:
+        calls.append(kwargs)
+        return _Loaded()
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake)
+    return calls
+
+
+def _gpu(monkeypatch: pytest.MonkeyPatch, *, bf16: bool) -> None:
+    """Pretend this machine has a CUDA GPU, with or without native bf16 (a V100 has none)."""
+    import cot.models as M
+
+    monkeypatch.setattr(M, "cuda_available", lambda: True)
+    monkeypatch.setattr(M, "bf16_supported", lambda: bf16, raising=False)
+
+
+def test_auto_precision_loads_fp16_on_a_gpu_without_bf16(
+    tiny_models: Path, monkeypatch: pytest.MonkeyPatch, from_pretrained_calls: list[dict]
+) -> None:
+    import torch
+
+    _gpu(monkeypatch, bf16=False)
+    load_model(tiny_models / "student", quant="none")
+    assert from_pretrained_calls[-1]["dtype"] == torch.float16
+    # NF4's compute dtype follows the same choice.
+    load_model(tiny_models / "student", quant="nf4")
+    kw = from_pretrained_calls[-1]
+    assert kw["dtype"] == torch.float16
+    assert kw["quantization_config"].bnb_4bit_compute_dtype == torch.float16  # type: ignore[attr-defined]
+    _gpu(monkeypatch, bf16=True)
+    load_model(tiny_models / "student", quant="nf4")
+    kw = from_pretrained_calls[-1]
+    assert kw["dtype"] == torch.bfloat16
+    assert kw["quantization_config"].bnb_4bit_compute_dtype == torch.bfloat16  # type: ignore[attr-defined]
+
+
+def test_explicit_precision_and_dtype_reach_the_loader(
+    tiny_models: Path, monkeypatch: pytest.MonkeyPatch, from_pretrained_calls: list[dict]
+) -> None:
+    import torch
+
+    _gpu(monkeypatch, bf16=True)
+    for precision, want in (("fp32", torch.float32), ("fp16", torch.float16)):
+        load_model(tiny_models / "student", quant="none", precision=precision)
+        assert from_pretrained_calls[-1]["dtype"] == want
+    # The older dtype= keyword still wins where a caller passes it.
+    load_model(tiny_models / "student", quant="none", precision="fp16", dtype="float32")
+    assert from_pretrained_calls[-1]["dtype"] == torch.float32
+
+
+def test_fp16_on_cpu_loads_fp32_with_a_one_line_notice(
+    tiny_models: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    capsys.readouterr()
+    model = load_model(tiny_models / "student", quant="none", device="cpu", precision="fp16")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    err = [line for line in capsys.readouterr().err.splitlines() if "precision" in line]
+    assert len(err) == 1 and "fp16" in err[0] and "fp32" in err[0], err

@@ -272,19 +272,131 @@ def test_rotation_keeps_last_k_complete(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- settings
 
 
-def test_precision_falls_back_on_cpu_in_one_line() -> None:
-    assert T.resolve_precision("auto", "auto", cuda=True) == (True, "paged_adamw_8bit", None)
-    nf4, optim, note = T.resolve_precision("auto", "auto", cuda=False)
+def test_quant_and_optim_fall_back_on_cpu_in_one_line() -> None:
+    assert T.resolve_quant_and_optim("auto", "auto", cuda=True) == (True, "paged_adamw_8bit", None)
+    nf4, optim, note = T.resolve_quant_and_optim("auto", "auto", cuda=False)
     assert (nf4, optim) == (False, "adamw_torch")
     assert note is not None and "\n" not in note
     assert "NF4" in note and "paged_adamw_8bit" in note
     # Forced on CPU: the GPU path, no fallback line.
-    assert T.resolve_precision("nf4", "paged_adamw_8bit", cuda=False) == (
+    assert T.resolve_quant_and_optim("nf4", "paged_adamw_8bit", cuda=False) == (
         True,
         "paged_adamw_8bit",
         None,
     )
-    assert T.resolve_precision("none", "adamw_torch", cuda=True) == (False, "adamw_torch", None)
+    assert T.resolve_quant_and_optim("none", "adamw_torch", cuda=True) == (
+        False,
+        "adamw_torch",
+        None,
+    )
+
+
+def _gpu(monkeypatch: pytest.MonkeyPatch, *, bf16: bool) -> None:
+    """Pretend the GPU has (or, like a V100, lacks) native bf16; TrainingArguments itself
+    checks bf16 against the hardware, so its probe follows."""
+    import transformers.training_args as targs
+
+    import cot.models as M
+
+    monkeypatch.setattr(M, "bf16_supported", lambda: bf16, raising=False)
+    monkeypatch.setattr(targs, "is_torch_bf16_gpu_available", lambda: bf16)
+
+
+@pytest.mark.parametrize(
+    ("precision", "cuda", "bf16", "want"),
+    [
+        ("auto", True, False, "fp16"),  # a GPU without bf16: fp16 mixed precision, not fp32
+        ("auto", True, True, "bf16"),
+        ("auto", False, False, "fp32"),
+        ("fp16", False, False, "fp32"),  # no CUDA: fp32 whatever was asked
+        ("fp32", True, True, "fp32"),
+        ("fp16", True, True, "fp16"),
+    ],
+)
+def test_trainer_mixed_precision_follows_the_loader_choice(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    precision: str,
+    cuda: bool,
+    bf16: bool,
+    want: str,
+) -> None:
+    _gpu(monkeypatch, bf16=bf16)
+    over = {} if precision == "auto" else {"precision": precision}
+    args = T.training_arguments(
+        _cfg(tmp_path / "d.jsonl", **over),
+        output_dir=tmp_path,
+        optim="adamw_torch",
+        deepspeed=None,
+        cuda=cuda,
+    )
+    ran = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    assert ran == want
+    from cot.models import resolve_precision
+
+    assert ran == resolve_precision(precision, cuda=cuda, bf16_ok=bf16)  # the loader's choice
+
+
+def test_lora_config_and_only_lora_weights_trainable(tiny_models: Path) -> None:
+    """The tiny student wrapped exactly as run_training wraps it, with the default settings."""
+    from cot.models import load_model
+
+    cfg = T.TrainHParams(student=str(STUDENT), data="unused.jsonl")
+    model = T.prepare_lora_model(
+        load_model(STUDENT, quant="none", device="cpu"),
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        quantized=False,
+        gradient_checkpointing=False,
+        seed=cfg.seed,
+    )
+    lora = model.peft_config["default"]
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (8, 16, 0.05)
+    six = {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}
+    assert set(lora.target_modules) == six and set(T.LORA_TARGETS) == six
+    # Every target exists in the student and got an adapter: 6 per layer, 2 layers.
+    wrapped = [n for n, m in model.named_modules() if hasattr(m, "lora_A")]
+    assert {n.rsplit(".", 1)[-1] for n in wrapped} == six and len(wrapped) == 12
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable), trainable
+    assert len(trainable) == 24  # A and B of each wrapped module, nothing else
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert not any("lora_" in n for n in frozen)
+
+
+def test_fp16_base_keeps_lora_weights_in_fp32(tiny_models: Path) -> None:
+    """HF Trainer's fp16 GradScaler refuses to unscale fp16 gradients: adapters train in fp32."""
+    import torch
+
+    from cot.models import load_model
+
+    base = load_model(STUDENT, quant="none", device="cpu", dtype="float16")
+    model = T.prepare_lora_model(
+        base, r=8, lora_alpha=16, lora_dropout=0.05, quantized=False,
+        gradient_checkpointing=False, seed=0,
+    )  # fmt: skip
+    params = dict(model.named_parameters())
+    assert {p.dtype for p in params.values() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in params.values() if not p.requires_grad} == {torch.float16}
+
+
+def test_reporter_environment(tmp_path: Path) -> None:
+    out = tmp_path / "train"
+    assert T.reporter_env("none", out, {}) == ({}, None)
+    env, note = T.reporter_env("tensorboard", out, {})
+    assert env == {"TENSORBOARD_LOGGING_DIR": str(out / "tensorboard")} and note is None
+    env, note = T.reporter_env("wandb", out, {})
+    assert env["WANDB_MODE"] == "offline" and env["WANDB_DIR"] == str(out)
+    assert note is None
+    # An online request from the user's environment is overridden, in one line.
+    env, note = T.reporter_env("wandb", out, {"WANDB_MODE": "online"})
+    assert env["WANDB_MODE"] == "offline"
+    assert note is not None and "\n" not in note and "online" in note and "offline" in note
+    # Already offline, or switched off altogether: left as it is.
+    for mode in ("offline", "disabled"):
+        env, note = T.reporter_env("wandb", out, {"WANDB_MODE": mode})
+        assert "WANDB_MODE" not in env and note is None
 
 
 def test_deepspeed_template_and_config_loading(tmp_path: Path) -> None:
@@ -387,6 +499,39 @@ def test_stop_request_saves_and_resume_matches_uninterrupted(tok: Any, tmp_path:
     assert (out / "adapter" / "tokenizer.json").exists()
     steps = [r["step"] for r in T.read_metrics(out / "metrics.jsonl")]
     assert steps == list(range(1, 21))  # no step logged twice across the resume
+    assert (out / "training_loss.png").exists()
+
+
+def test_tensorboard_event_files_land_in_the_output_folder(
+    tok: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real 2-step CPU training with report_to=tensorboard: event files under
+    ``<out_dir>/tensorboard/`` with the loss in them, nothing in the current folder, and
+    metrics.jsonl and the loss plot as always."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    before = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    data = tmp_path / "train.jsonl"
+    with open(data, "w") as fh:
+        for a in range(1, 9):
+            cot = f"Add: {a} + 1 = {a + 1}.\nFinal Answer: {a + 1}"
+            fh.write(json.dumps({"question": f"What is {a} + 1?", "cot": cot}) + "\n")
+    out = tmp_path / "out"
+    cfg = _cfg(data, max_steps=2, save_steps=100, report_to="tensorboard")
+    res = T.run_training(cfg, out_dir=out, stop_requested=lambda: False)
+    assert res.global_step == 2
+    events = sorted(out.rglob("events.out.tfevents.*"))
+    assert events, sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert all(e.parent == out / "tensorboard" for e in events), events
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert [s.step for s in acc.Scalars("train/loss")] == [1, 2]
+    assert list(cwd.iterdir()) == []  # no runs/ folder wherever the job happened to start
+    assert os.environ.get("TENSORBOARD_LOGGING_DIR") == before  # scoped to the training
+    assert [r["step"] for r in T.read_metrics(out / "metrics.jsonl")] == [1, 2]
     assert (out / "training_loss.png").exists()
 
 

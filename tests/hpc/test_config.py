@@ -230,3 +230,75 @@ def test_trust_remote_code_from_a_file_exits_2_before_anything_is_written(
     err = capsys.readouterr().err
     assert f"{p}:3: generate.trust_remote_code" in err and "--trust-remote-code" in err
     assert not run.exists()
+
+
+def test_origins_name_the_default_the_file_line_and_the_flag(tmp_path: Path) -> None:
+    p = write(tmp_path, "cluster:\n  time_min: 30\ntrain:\n  lr: 0.01\n")
+    origins: dict[str, str] = {}
+    cfg = C.load_config(C.TrainConfig, "train", p, {"epochs": 1.0}, origins)
+    assert (cfg.lr, cfg.epochs, cfg.max_length) == (0.01, 1.0, 1024)
+    assert origins["lr"] == "cfg.yaml:4" and origins["time_min"] == "cfg.yaml:2"
+    assert origins["epochs"] == "flag" and origins["max_length"] == "default"
+    line = C.describe_settings("train", cfg, origins)
+    assert "\n" not in line
+    assert "lr=0.01 (cfg.yaml:4)" in line and "epochs=1.0 (flag)" in line
+
+
+def _launch_without_config(args: list[str], tmp_path: Path) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != C.CONFIG_ENV}
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpc.launch", *args, "--run-dir", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    return proc.stdout + proc.stderr
+
+
+def test_no_config_gives_the_seeds_hyperparameters_on_a_tiny_student(
+    tmp_path: Path, tiny_models: Path
+) -> None:
+    # The seed's command on a tiny student: no demo settings sneak in (lr 0.01, batch 8...).
+    err = _launch_without_config(
+        ["train", "--student_dir", str(tiny_models / "student"), "--epochs", "3",
+         "--cluster", "local"],
+        tmp_path,
+    )  # fmt: skip
+    line = next(x for x in err.splitlines() if x.startswith("train: student="))
+    for want in (
+        "lr=0.0002 (default)",
+        "epochs=3.0 (flag)",
+        "per_device_train_batch_size=2 (default)",
+        "gradient_accumulation_steps=4 (default)",
+        "max_length=1024 (default)",
+        "r=8 (default)",
+        "lora_alpha=16 (default)",
+        "lora_dropout=0.05 (default)",
+        "precision=auto (default)",
+        "optim=auto (default)",
+    ):
+        assert want in line, line
+    assert "is a tiny test model" in err and "--config templates/demo.yaml" in err
+    # Nothing was trained: the data it needs does not exist, and it says so.
+    assert "merged.jsonl" in err
+
+
+def test_no_config_generate_samples_at_the_seeds_temperature(tmp_path: Path) -> None:
+    err = _launch_without_config(["generate", "--cluster", "local"], tmp_path)
+    line = next(x for x in err.splitlines() if x.startswith("generate: teacher="))
+    assert "teacher=models/teacher (default)" in line
+    assert "shards=1 (default)" in line and "temperature=0.7 (default)" in line
+
+
+def test_the_demo_config_gives_the_tiny_settings_and_names_its_lines() -> None:
+    origins: dict[str, str] = {}
+    cfg = C.load_config(C.TrainConfig, "train", C.DEMO_CONFIG, {}, origins)
+    assert (cfg.lr, cfg.per_device_train_batch_size, cfg.max_length) == (0.01, 8, 256)
+    assert origins["lr"].startswith("demo.yaml:")
+    assert C.load_config(C.TrainConfig, "train", None).lr == 2.0e-4

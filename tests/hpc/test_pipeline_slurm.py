@@ -52,10 +52,11 @@ def test_pipeline_end_to_end_then_rerun_submits_nothing(
             env,
         )
         assert out.returncode == 0, out.stderr[-3000:]
-        # Submitted at once and returned: generate array + merge, train, eval arrays + merges,
-        # report. Nothing has finished yet, so every later stage waits (afterany) on the one before.
+        # Submitted at once and returned: generate array + merge, train, an array + merge for
+        # each of the student, the base student and the teacher, the report. Nothing has
+        # finished yet, so every later stage waits (afterany) on the one before.
         submitted = calls.read_text().splitlines()
-        assert len(submitted) == 8, submitted
+        assert len(submitted) == 10, submitted
         assert "pipeline submitted" in out.stdout
         # The same command again while those jobs are queued or running: every stage finds its
         # live job and submits nothing, so there is one training and one writer per output.
@@ -67,11 +68,14 @@ def test_pipeline_end_to_end_then_rerun_submits_nothing(
         assert calls.read_text().splitlines() == submitted, again.stdout
         subs = json.loads((run / "launch.json").read_text())["stages"]
         assert len(subs["train"]["submissions"]) == 1 and len(subs["report"]["submissions"]) == 1
-        assert all(len(subs[s]["submissions"]) == 1 for s in ("evaluate", "evaluate_base"))
+        evaluations = ("evaluate", "evaluate_base", "evaluate_teacher")
+        assert all(len(subs[s]["submissions"]) == 1 for s in evaluations)
         wait_for(lambda: (run / "results" / "report.json").exists(), 600, "the report", interval=3)
         report = json.loads((run / "results" / "report.json").read_text())
         assert report["student"]["overall"]["n"] == 24
-        assert "base" in report
+        assert "base" in report and report["teacher"]["overall"]["n"] == 24
+        assert report["agreement"]["student_teacher"]["overall"]["n"] == 24
+        assert report["student_label"] == "student + LoRA"
         assert (run / "train" / "COMPLETE").exists()
         assert (run / "train" / "adapter" / "adapter_config.json").exists()
         st = status(run)

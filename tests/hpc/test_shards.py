@@ -446,6 +446,43 @@ def test_keep_correct_keeps_only_correct_and_counts_per_category(tmp_path: Path)
     assert len(out.read_text().splitlines()) == 12
 
 
+def test_keep_majority_keeps_the_majority_traces_and_reports_votes(tmp_path: Path) -> None:
+    # 4 questions x 4 samples over 2 shards; no gold anywhere: majority needs none.
+    answers = {
+        0: ["12", "12.0", "7", None],  # 12 wins 2-1 ("12.0" votes with "12")
+        1: ["3", "4", "4", "3"],  # a 2-2 tie: the answer of sample 0 wins
+        2: [None, None, None, None],  # no answer: nothing kept
+        3: ["5", "5", "5", "5"],  # unanimous
+    }
+    stage_dir, plan = _stage(tmp_path, 4, 2, samples=4)
+    index = {rid: i for i, rid in enumerate(plan.ids)}
+    for shard in range(plan.shards):
+        path = S.shard_path(stage_dir, shard)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            "".join(
+                _line(_rec(rid, s, category="c", teacher_answer=answers[index[rid]][s]))
+                for rid, s in plan.keys(shard)
+            )
+        )
+        S.finish_shard(stage_dir, plan, shard)
+    out = tmp_path / "voted.jsonl"
+    counts = Merge()(str(stage_dir.parent), "generate", [str(out)], "majority")
+    kept = [(index[r["id"]], r["sample"]) for r in map(json.loads, out.read_text().splitlines())]
+    assert kept == [(0, 0), (0, 1), (1, 0), (1, 3), (3, 0), (3, 1), (3, 2), (3, 3)]
+    assert counts["majority"] == {
+        "questions": 4, "ties": 1, "no_answer": 1, "unanimous": 1, "agreement": 8 / 16
+    }  # fmt: skip
+    assert counts["per_category"] == {"c": [8, 16]}
+    summary = json.loads((stage_dir / "merge.json").read_text())
+    assert summary["keep"] == "majority" and summary["majority"]["ties"] == 1
+    from hpc.stages import describe
+
+    text = describe(summary)
+    assert "kept      8 of     16" in text
+    assert "majority vote over 4 questions: 50.0% of samples agree" in text and "1 ties" in text
+
+
 def test_append_attempt_counts_starts(tmp_path: Path) -> None:
     stage_dir = tmp_path / "generate"
     assert S.append_attempt(stage_dir, 3, {"event": "start"}) == 1

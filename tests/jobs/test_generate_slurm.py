@@ -94,6 +94,8 @@ class Env:
         batch_size: int = INTERRUPT_BATCH,
         cluster: str = "slurm",
         teacher: Path | None = None,
+        samples: int = 1,
+        temperature: float = 0.0,
     ) -> list[str]:
         argv = [
             sys.executable, "-m", "hpc.launch", "generate",
@@ -106,8 +108,8 @@ class Env:
             "--shards", str(shards),
             "--batch-size", str(batch_size),
             "--max-new-tokens", "96",
-            "--temperature", "0",
-            "--samples-per-question", "1",
+            "--temperature", str(temperature),
+            "--samples-per-question", str(samples),
             "--keep", "all",
             "--quant", "none",
             "--seed", "0",
@@ -226,6 +228,31 @@ def reference(env: Env) -> bytes:
     return data
 
 
+SAMPLED_QUESTIONS = 24
+
+
+def sampled_args(env: Env, samples: int) -> dict[str, Any]:
+    """The ``argv`` settings of the self-consistency runs (none for the greedy ones)."""
+    if samples == 1:
+        return {}
+    questions = first_lines(
+        env.questions, SAMPLED_QUESTIONS, env.root / f"q{SAMPLED_QUESTIONS}.jsonl"
+    )
+    return {"questions": questions, "samples": samples, "temperature": 0.7}
+
+
+@pytest.fixture(scope="module")
+def sampled_reference(env: Env) -> Path:
+    """The uninterrupted self-consistency run: one local process, batch 16, the same seeds."""
+    run_dir = env.root / "sampled-ref"
+    out = env.root / "sampled-ref.jsonl"
+    argv = env.argv(run_dir, shards=1, output=out, cluster="local", batch_size=16,
+                    **sampled_args(env, 4))  # fmt: skip
+    proc = env.run(argv)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
 @dataclass
 class Run:
     run_dir: Path
@@ -257,6 +284,8 @@ class Scenario:
     shards: int
     interrupt: Callable[[str, Path, int], None]
     relaunch: bool = False
+    questions: int = N_QUESTIONS
+    samples: int = 1
     run: Run | None = None
     popen: subprocess.Popen[str] | None = None
     first: subprocess.CompletedProcess[str] | None = None
@@ -268,7 +297,7 @@ class Scenario:
 
     @property
     def per_shard(self) -> int:
-        return N_QUESTIONS // self.shards
+        return self.questions * self.samples // self.shards
 
 
 def _usr2(task: str, run_dir: Path, shard: int) -> None:
@@ -295,18 +324,20 @@ def interrupted(env: Env) -> dict[str, Scenario]:
     * ``requeue``: 1 shard of 96, bare ``scontrol requeue <job>``: the task keeps running
       through ``KillWait`` (5 s) after the SIGTERM, so its shard is the long one;
     * ``kill9``: 2 shards, SIGKILL to shard 1's python; once that launcher has exited, the
-      same command is run again.
+      same command is run again;
+    * ``sampled``: 2 shards of 24 questions x 4 samples at temperature 0.7, USR2 as ``usr2``.
     """
     scenarios = {
         "usr2": Scenario("usr2", 2, _usr2),
         "requeue": Scenario("requeue", 1, _requeue),
         "kill9": Scenario("kill9", 2, _kill9, relaunch=True),
+        "sampled": Scenario("sampled", 2, _usr2, questions=SAMPLED_QUESTIONS, samples=4),
     }
     for sc in scenarios.values():
         run_dir = env.root / sc.name
         out = env.root / f"{sc.name}.jsonl"
         log = env.root / f"{sc.name}.sbatch.log"
-        argv = env.argv(run_dir, shards=sc.shards, output=out)
+        argv = env.argv(run_dir, shards=sc.shards, output=out, **sampled_args(env, sc.samples))
         sc.popen = env.start(argv, sbatch_log=log)
         sc.run = Run(run_dir, out, argv, subprocess.CompletedProcess(argv, -1), log)
         sc.run.seconds = time.monotonic()
@@ -490,6 +521,42 @@ def test_usr2_preemption_mid_shard_resumes_byte_identical(
     log = (sc.run.run_dir / "logs" / f"{sc.run.info['task']}_0_log.err").read_text()
     assert "Caught signal SIGUSR2" in log and "this job is preempted" in log
     assert sbatch_calls(sc.run.sbatch_log) == 2  # one array, one merge: a requeue is no sbatch
+
+
+@pytest.mark.slow
+def test_four_samples_preempted_mid_shard_equal_an_uninterrupted_run_and_vote(
+    env: Env, sampled_reference: Path, interrupted: dict[str, Scenario], cleanup: Env
+) -> None:
+    sc = interrupted["sampled"]
+    assert sc.run is not None and sc.problem is None, sc.problem
+    assert sc.run.proc.returncode == 0, sc.run.proc.stderr[-3000:]
+    reference = (sampled_reference / "generate" / "merged.jsonl").read_bytes()
+    assert sc.run.output.read_bytes() == reference  # batch 2, 2 shards, a requeue: same bytes
+    _assert_resumed_once(sc, same_job=True)
+    records = [json.loads(x) for x in reference.splitlines()]
+    assert len(records) == SAMPLED_QUESTIONS * 4
+    by_id: dict[str, list[str]] = {}
+    for rec in records:
+        by_id.setdefault(rec["id"], []).append(rec["cot"])
+    assert [len(v) for v in by_id.values()] == [4] * SAMPLED_QUESTIONS
+    assert any(len(set(v)) > 1 for v in by_id.values())  # the samples really differ
+    # Self-consistency on both: the same majority filter and the same votes.
+    kept = {}
+    for run_dir in (sampled_reference, sc.run.run_dir):
+        out = run_dir.parent / f"{run_dir.name}.majority.jsonl"
+        proc = env.run(
+            [sys.executable, "-m", "hpc.launch", "merge", str(run_dir), "--keep", "majority",
+             "--output", str(out)]
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "majority vote over 24 questions" in proc.stdout, proc.stdout
+        summary = json.loads((run_dir / "generate" / "merge.json").read_text())
+        kept[run_dir.name] = (out.read_bytes(), summary["majority"], summary["per_category"])
+    assert kept["sampled-ref"] == kept["sampled"]
+    data, vote, per_cat = kept["sampled"]
+    assert vote["questions"] == SAMPLED_QUESTIONS
+    assert sum(k for k, _ in per_cat.values()) == data.count(b"\n")
+    assert sum(t for _, t in per_cat.values()) == SAMPLED_QUESTIONS * 4
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +213,57 @@ def test_job_shape_paths_and_failure_line(tmp_path: Path, monkeypatch: pytest.Mo
     )
     assert failure_line(text) == "ValueError: bad checkpoint"
     assert failure_line("plain error") == "plain error"
+
+
+def test_report_to_without_its_package_fails_before_anything_is_submitted(
+    inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    from hpc.config import ConfigError, TrainConfig
+    from hpc.stages.train import validate_config
+
+    cfg = TrainConfig(student=str(STUDENT), data=str(inputs["data"]), deepspeed=None)
+    for report_to in ("none", "tensorboard"):  # tensorboard is in the test install
+        validate_config(replace(cfg, report_to=report_to))
+    real = importlib.util.find_spec
+    gone = {"tensorboard", "tensorboardX", "wandb"}
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in gone else real(name, *a)
+    )
+    for report_to in ("tensorboard", "wandb"):
+        with pytest.raises(ConfigError) as err:
+            validate_config(replace(cfg, report_to=report_to))
+        msg = str(err.value)
+        assert "\n" not in msg and f"--report-to {report_to}" in msg
+        assert f"pip install {report_to}" in msg
+    monkeypatch.undo()
+    if importlib.util.find_spec("wandb") is None:  # the whole launch, as a user types it
+        run_dir = tmp_path / "run"
+        res = _run(_argv(inputs, run_dir, "--report-to", "wandb", cluster="local"), timeout=60)
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert "--report-to wandb needs the wandb package" in res.stderr
+        assert not run_dir.exists()
+
+
+def test_fingerprint_pins_precision(inputs: dict[str, Path], tmp_path: Path) -> None:
+    from hpc.config import TrainConfig
+    from hpc.errors import PlanError
+    from hpc.stages.train import TrainStage
+
+    def stage(precision: str) -> TrainStage:
+        cfg = TrainConfig(
+            student=str(STUDENT), data=str(inputs["data"]), run_dir=str(tmp_path / "run"),
+            precision=precision,
+        )  # fmt: skip
+        return TrainStage(cfg)
+
+    first = stage("fp16")
+    assert first.fingerprint()["hyperparameters"]["precision"] == "fp16"
+    first.pin()
+    stage("fp16").pin()  # the same settings: accepted
+    with pytest.raises(PlanError, match=r"hyperparameters\.precision: fp16 -> bf16"):
+        stage("bf16").pin()
 
 
 @pytest.mark.slow

@@ -1,0 +1,84 @@
+"""The student side's wiring: which models are scored, sampling refusals, evaluation records."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from hpc import config as C
+from hpc.launch import main
+from hpc.stages import evaluation_stages
+from hpc.stages.report import report_models
+
+
+def _ev(tmp_path: Path, **kw: object) -> C.EvaluateConfig:
+    cfg = C.load_config(C.EvaluateConfig, "evaluate", C.DEMO_CONFIG, {"run_dir": str(tmp_path)})
+    return dataclasses.replace(cfg, **kw)  # type: ignore[arg-type]
+
+
+def test_without_an_adapter_one_model_is_scored_once(tmp_path: Path) -> None:
+    cfg = _ev(tmp_path, compare_base=True, lora_model=None, teacher=None)
+    assert [st.name for st in evaluation_stages(cfg)] == ["evaluate", "report"]
+    assert report_models(cfg) == {"student": "evaluate"}
+
+
+def test_with_an_adapter_the_base_and_the_teacher_are_scored_too(tmp_path: Path) -> None:
+    cfg = _ev(tmp_path, compare_base=True, lora_model=str(tmp_path / "lora"), teacher="/t")
+    stages = evaluation_stages(cfg)
+    assert [st.name for st in stages] == [
+        "evaluate", "evaluate_base", "evaluate_teacher", "report"
+    ]  # fmt: skip
+    assert report_models(cfg) == {
+        "student": "evaluate", "base": "evaluate_base", "teacher": "evaluate_teacher"
+    }  # fmt: skip
+    teacher = stages[2]
+    assert teacher.cfg.base_model == "/t" and teacher.cfg.lora_model is None
+    assert teacher.cfg.prompt_format == "auto"  # the teacher is prompted as generation does
+    assert teacher.worker.teacher and not stages[0].worker.teacher
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["generate", "--samples-per-question", "4", "--temperature", "0"], "identical copies"),
+        (["evaluate", "--samples-per-question", "3"], "identical copies"),  # greedy by default
+        (["generate", "--keep", "majority", "--samples-per-question", "1"], "2 or more"),
+    ],
+)
+def test_sampling_settings_that_cannot_work_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], needle: str
+) -> None:
+    run = tmp_path / "run"
+    assert main([*argv, "--run-dir", str(run), "--cluster", "local"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert not run.exists()
+
+
+class _Done:
+    def __init__(self, text: str, error: str | None = None):
+        self.text, self.error = text, error
+
+
+def test_evaluation_records_reduce_worked_golds_and_leave_missing_gold_unscored() -> None:
+    from jobs.evaluate import student_record
+
+    base = {"id": "q1", "question": "How many?", "category": "word"}
+    gsm = {**base, "answer": "She has 3 * 6 = <<3*6=18>>18 apples.\n#### 18"}
+    rec = student_record(gsm, 0, _Done("Step 1: 3 * 6 = 18\nFinal Answer: 18"))
+    assert (rec["gold"], rec["gold_reduced"], rec["pred"], rec["correct"]) == (
+        "18",
+        True,
+        "18",
+        True,
+    )
+    plain = student_record({**base, "answer": "18"}, 1, _Done("Final Answer: 17"))
+    assert (plain["gold"], plain["gold_reduced"], plain["correct"]) == ("18", False, False)
+    assert list(plain)[:2] == ["id", "sample"] and plain["sample"] == 1
+    unscored = student_record(base, 0, _Done("Final Answer: 18"))
+    assert unscored["gold"] is None and unscored["correct"] is None  # never "wrong"
+    failed = student_record(gsm, 0, _Done("", error="prompt too long"))
+    assert failed["correct"] is False and failed["error"] == "prompt too long"
+    assert student_record(base, 0, _Done("", error="x"))["correct"] is None
