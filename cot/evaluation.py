@@ -509,6 +509,21 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"- training data: {td['kept']} of {td['total']} teacher traces kept "
             f"(--keep {td.get('keep', 'all')})"
         )
+        per_cat = td.get("per_category")
+        if isinstance(per_cat, Mapping) and per_cat:
+            kept = ", ".join(
+                f"{_cell(str(c))} {k}/{t}"
+                for c, (k, t) in sorted(per_cat.items())  # [kept, total] per category
+            )
+            lines.append(f"  - kept per category: {kept}")
+        vote = td.get("majority")
+        if isinstance(vote, Mapping) and vote.get("agreement") is not None:
+            lines.append(
+                f"  - majority vote over {vote['questions']} questions: "
+                f"{_pct(vote['agreement'])} of samples agree with their majority, "
+                f"{vote['unanimous']} unanimous, {vote['ties']} ties, "
+                f"{vote['no_answer']} without any answer"
+            )
     lines += ["", *_table(report, models)]
     return "\n".join(lines) + "\n"
 

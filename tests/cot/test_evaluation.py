@@ -452,6 +452,24 @@ def test_a_single_model_report_has_no_base_or_teacher_sections(tmp_path: Path) -
     assert "difference" not in text and "agreement" not in text and "Δ" not in text
 
 
+def test_the_generation_merge_kept_counts_reach_the_report(tmp_path: Path) -> None:
+    preds = write(tmp_path / "p.jsonl", [rec("a", "1", "1")])
+    merge = {
+        "total": 16, "kept": 8, "keep": "majority",
+        "per_category": {"algebra": [5, 8], "word": [3, 8]},
+        "majority": {"questions": 4, "ties": 1, "no_answer": 1, "unanimous": 1, "agreement": 0.5},
+    }  # fmt: skip
+    report = write_report(tmp_path / "out", preds, training_data=merge)
+    assert report["training_data"] == merge
+    lines = md_lines(tmp_path / "out")
+    assert "- training data: 8 of 16 teacher traces kept (--keep majority)" in lines
+    assert "  - kept per category: algebra 5/8, word 3/8" in lines
+    assert (
+        "  - majority vote over 4 questions: 50.0% of samples agree with their majority, "
+        "1 unanimous, 1 ties, 1 without any answer"
+    ) in lines
+
+
 def test_predictions_jsonl_has_the_seed_keys_one_line_per_record_in_order(tmp_path: Path) -> None:
     failed = {**rec("b", None, "3"), "generated": None, "error": "timeout"}
     recs = [rec("z", "1", "1", sample=1), rec("z", "2", "1", sample=0), failed, rec("c", "é", None)]

@@ -82,3 +82,35 @@ def test_evaluation_records_reduce_worked_golds_and_leave_missing_gold_unscored(
     failed = student_record(gsm, 0, _Done("", error="prompt too long"))
     assert failed["correct"] is False and failed["error"] == "prompt too long"
     assert student_record(base, 0, _Done("", error="x"))["correct"] is None
+
+
+def test_evaluate_with_k_samples_end_to_end_scores_pass_at_k_majority_and_the_teacher(
+    tmp_path: Path, tiny_models: Path, small_questions: Path
+) -> None:
+    import json
+
+    # The tiny teacher as the scored model: it answers in the expected format.
+    run = tmp_path / "run"
+    teacher = str(tiny_models / "teacher")
+    argv = [
+        "evaluate", "--cluster", "local", "--run-dir", str(run), "--input", str(small_questions),
+        "--num-samples", "6", "--shards", "2", "--base-model", teacher, "--teacher", teacher,
+        "--samples-per-question", "3", "--temperature", "0.8", "--max-new-tokens", "64",
+        "--quant", "none", "--batch-size", "4",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((run / "results" / "report.json").read_text())
+    assert report["student_label"] == "base student"  # no adapter: one student model
+    student = report["student"]
+    assert student["samples_per_question"] == 3 and student["overall"]["n"] == 18
+    overall = student["overall"]
+    assert overall["questions"] == 6 and overall["pass@K"] is not None
+    assert overall["pass@1"] == pytest.approx(overall["accuracy"])  # mean over samples
+    assert overall["pass@1"] <= overall["pass@K"]
+    assert report["teacher"]["overall"]["n"] == 18
+    assert report["agreement"]["student_teacher"]["overall"]["n"] == 6
+    preds = (run / "results" / "predictions.jsonl").read_text().splitlines()
+    assert len(preds) == 18
+    merged = [json.loads(x) for x in (run / "evaluate" / "merged.jsonl").read_text().splitlines()]
+    assert [r["sample"] for r in merged[:3]] == [0, 1, 2]
+    assert len({r["generated"] for r in merged}) > 6  # samples of one question differ
