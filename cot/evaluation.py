@@ -162,6 +162,7 @@ class Vote(NamedTuple):
     sample: int | None  # that sample's index
     votes: int  # samples that voted for it
     tied: bool  # another answer had as many votes (the lowest sample index broke the tie)
+    members: tuple[int, ...] = ()  # the sample indices that voted for it, ascending
 
 
 def majority_vote(votes: Iterable[tuple[int, str | None]]) -> Vote:
@@ -171,20 +172,21 @@ def majority_vote(votes: Iterable[tuple[int, str | None]]) -> Vote:
     None never votes. A tie between the top groups goes to the one whose earliest sample index
     is lowest.
     """
-    groups: list[list[Any]] = []  # [answer, first sample, count], in first-sample order
+    groups: list[list[Any]] = []  # [answer, first sample, count, samples], first-sample order
     for sample, answer in sorted(((s, a) for s, a in votes if a is not None), key=lambda v: v[0]):
         for group in groups:
             if answers_match(answer, group[0]):
                 group[2] += 1
+                group[3].append(sample)
                 break
         else:
-            groups.append([answer, sample, 1])
+            groups.append([answer, sample, 1, [sample]])
     if not groups:
         return Vote(None, None, 0, False)
     top = max(g[2] for g in groups)
     tied = [g for g in groups if g[2] == top]
     win = min(tied, key=lambda g: g[1])
-    return Vote(win[0], win[1], top, len(tied) > 1)
+    return Vote(win[0], win[1], top, len(tied) > 1, tuple(win[3]))
 
 
 def _text(value: Any) -> str | None:

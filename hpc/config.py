@@ -304,6 +304,11 @@ class EvaluateConfig(ShardedFields):
         path=PATH,
     )
     teacher_prompt_template: str = like(GenerateConfig, "prompt_template", PROMPT_TEMPLATE)
+    score_teacher: bool = opt(
+        True,
+        "pipeline: also score generate's teacher on these questions, with generate's engine, "
+        "prompt and resources (unless `teacher` names another)",
+    )
     input: str = like(ShardedFields, "input", "data/test_questions.jsonl")
     # The student is trained on the raw ``### Question:`` format, so that is what it is asked in.
     prompt_format: str = like(EngineFields, "prompt_format", "raw")

@@ -165,6 +165,11 @@ def cmd_merge(ns: argparse.Namespace) -> int:
     """Merge a stage's shards by hand (normally a dependent job does it)."""
     from hpc.stages import MergeStage, describe
 
+    if ns.keep not in (None, "all") and ns.stage != "generate":
+        raise ConfigError(
+            f"merge --stage {ns.stage} --keep {ns.keep}: filtering keeps teacher traces for "
+            "training; a stage of scores is merged whole (--keep all)"
+        )
     stage = MergeStage.from_run(Path(ns.run_dir), ns.stage, ns.output, ns.keep)
     print(describe(stage.run_here()))
     return 0

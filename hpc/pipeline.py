@@ -62,21 +62,39 @@ def stages_of(st: Stages) -> list[Any]:
 
     rd = str(Path(st.generate.run_dir).resolve())
     train = TrainStage(dataclasses.replace(st.train, run_dir=rd))
-    # The report scores the teacher that wrote the training data on the same test questions,
-    # with its prompt, unless the evaluate section names another.
     ev = dataclasses.replace(
-        st.evaluate,
-        run_dir=rd,
-        lora_model=st.evaluate.lora_model or str(train.out.adapter),
-        teacher=st.evaluate.teacher or st.generate.teacher,
-        teacher_prompt_template=(
-            st.evaluate.teacher_prompt_template
-            if st.evaluate.teacher
-            else st.generate.prompt_template
-        ),
+        st.evaluate, run_dir=rd, lora_model=st.evaluate.lora_model or str(train.out.adapter)
     )
     gen = GenerateStage(dataclasses.replace(st.generate, run_dir=rd))
-    return [gen, train, *evaluation_stages(ev, after=("train",))]
+    teacher = None
+    if ev.score_teacher and not ev.teacher:
+        teacher = teacher_of(st.generate, ev)
+        ev = dataclasses.replace(ev, teacher=teacher.base_model)
+    return [gen, train, *evaluation_stages(ev, after=("train",), teacher=teacher)]
+
+
+def teacher_of(gen: C.GenerateConfig, ev: C.EvaluateConfig) -> C.EvaluateConfig:
+    """The config that scores generate's teacher on the test questions: the test questions,
+    shards, samples and decoding of ``evaluate``; the model, prompt, prompt format, answer
+    length, engine (a server included) and resources of ``generate``."""
+    from_gen = {
+        name: getattr(gen, name)
+        for cls in (C.ClusterFields, C.ModelFields, C.EngineFields)
+        for name in C.fields_of(cls)
+        if name not in ("run_dir", "wait")  # one run folder; the pipeline decides the waiting
+    }
+    return dataclasses.replace(
+        ev,
+        **from_gen,
+        base_model=gen.teacher,
+        teacher=gen.teacher,
+        lora_model=None,
+        output=None,
+        compare_base=False,
+        teacher_prompt_template=gen.prompt_template,
+        max_new_tokens=gen.max_new_tokens,
+        batch_size=gen.batch_size,
+    )
 
 
 def run_pipeline(st: Stages) -> int:

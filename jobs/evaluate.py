@@ -16,7 +16,7 @@ from typing import Any
 
 from hpc.config import EvaluateConfig
 from jobs.engine import ServerCheckpointable
-from jobs.sharded import Session, record_head, run_configured_shard, set_threads
+from jobs.sharded import Session, gold_of, record_head, run_configured_shard, set_threads
 
 
 def student_record(rec: dict[str, Any], sample: int, completion: Any) -> dict[str, Any]:
@@ -27,11 +27,9 @@ def student_record(rec: dict[str, Any], sample: int, completion: Any) -> dict[st
     record without gold is unscored (``correct`` None), never wrong; a completion that could not
     be produced scores as wrong.
     """
-    from cot.answers import answers_match, extract_final_answer, reduce_gold
+    from cot.answers import answers_match, extract_final_answer
 
-    gold, reduced = rec.get("answer"), False
-    if gold is not None:
-        gold, reduced = reduce_gold(str(gold))
+    gold, reduced = gold_of(rec) or (None, False)
     out = record_head(rec, sample)
     if completion.error is not None:
         out.update(

@@ -15,7 +15,7 @@ from typing import Any
 
 from hpc.config import GenerateConfig
 from jobs.engine import ServerCheckpointable
-from jobs.sharded import Session, record_head, run_configured_shard, set_threads
+from jobs.sharded import Session, gold_of, record_head, run_configured_shard, set_threads
 
 STAGE = "generate"
 
@@ -25,17 +25,17 @@ def teacher_record(rec: dict[str, Any], sample: int, completion: Any) -> dict[st
     from cot.answers import answers_match, extract_final_answer
 
     out = record_head(rec, sample)
+    gold = gold_of(rec)
     if completion.error is not None:
         out.update(cot=None, teacher_answer=None, error=completion.error)
-        if "answer" in rec:
-            out.update(gold=rec["answer"], correct=False)
+        if gold is not None:
+            out.update(gold=gold[0], gold_reduced=gold[1], correct=False)
         return out
     text = completion.text.lstrip()
     pred = extract_final_answer(text)
     out.update(cot=text, teacher_answer=pred)
-    if "answer" in rec:
-        out["gold"] = rec["answer"]
-        out["correct"] = answers_match(pred, rec["answer"])
+    if gold is not None:
+        out.update(gold=gold[0], gold_reduced=gold[1], correct=answers_match(pred, gold[0]))
     return out
 
 

@@ -36,7 +36,6 @@ class KeepMajority:
         self.samples = self.agreeing = 0
 
     def __call__(self, group: list[dict[str, Any]]) -> list[bool]:
-        from cot.answers import answers_match
         from cot.evaluation import majority_vote
 
         preds = [rec.get("teacher_answer") for rec in group]
@@ -46,7 +45,8 @@ class KeepMajority:
         if vote.answer is None:
             self.no_answer += 1
             return [False] * len(group)
-        keep = [p is not None and answers_match(p, vote.answer) for p in preds]
+        voted = set(vote.members)  # exactly the samples that voted for the winner
+        keep = [rec["sample"] in voted for rec in group]
         self.ties += vote.tied
         self.agreeing += sum(keep)
         self.unanimous += all(keep)

@@ -63,6 +63,18 @@ def record_head(rec: dict[str, Any], sample: int) -> dict[str, Any]:
     }
 
 
+def gold_of(rec: dict[str, Any]) -> tuple[str, bool] | None:
+    """A record's gold answer reduced to its final answer when it is a worked solution (GSM8K's
+    ``#### 18``, a ``Final Answer:`` line, ``\\boxed{}``), and whether it was; None when the
+    record has no gold (missing, null or blank): it is then unscored, never wrong."""
+    from cot.answers import reduce_gold
+
+    gold = rec.get("answer")
+    if gold is None or not str(gold).strip():
+        return None
+    return reduce_gold(str(gold))
+
+
 def task_info() -> dict[str, Any]:
     """Who is running this attempt (logged in attempts/<shard>)."""
     env = os.environ

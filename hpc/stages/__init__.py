@@ -44,20 +44,29 @@ STATUS: dict[str, Any] = {
 }
 
 
-def evaluation_stages(cfg: EvaluateConfig, *, after: tuple[str, ...] = ()) -> list[Stage]:
+def evaluation_stages(
+    cfg: EvaluateConfig,
+    *,
+    after: tuple[str, ...] = (),
+    teacher: EvaluateConfig | None = None,
+) -> list[Stage]:
     """The student's scores, the base student's (``compare_base``, with an adapter only: without
     one there is one model, scored once), the teacher's (``teacher``), then the report.
 
     Args:
         after: what the student's scores wait for (``("train",)`` in a pipeline). Without it,
             as in the ``evaluate`` command, the report is always rewritten.
+        teacher: the config that scores the teacher (the pipeline's, from generate's settings);
+            by default :func:`teacher_config` of ``cfg`` when ``cfg.teacher`` is set.
     """
     stages: list[Stage] = [EvaluateStage(cfg, after=after)]
     if cfg.compare_base and cfg.lora_model:
         base = dataclasses.replace(cfg, lora_model=None, output=None)
         stages.append(EvaluateStage(base, name="evaluate_base", after=()))
-    if cfg.teacher:
-        stages.append(EvaluateStage(teacher_config(cfg), name="evaluate_teacher", after=()))
+    if teacher is None and cfg.teacher:
+        teacher = teacher_config(cfg)
+    if teacher is not None:
+        stages.append(EvaluateStage(teacher, name="evaluate_teacher", after=()))
     stages.append(ReportStage(cfg, always=not after))
     return stages
 

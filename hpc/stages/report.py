@@ -47,7 +47,8 @@ class ReportStage(Stage):
         upstream = any(h.dependency or h.new for h in after)
         if not self.always and not upstream and self.is_complete():
             log.info("report: already written")
-            return DoneHandle([json.loads(self.layout.report_json.read_text())], ["report"])
+            done = json.loads(self.layout.report_json.read_text())
+            return DoneHandle([{**done, "report_md": str(self.layout.report_md)}], ["report"])
         jid = runs.latest_jobs(self.layout.root, self.name).get("job")
         if jid and not any(h.new for h in after) and jid in backend.live([jid]):
             log.info(f"report: job {jid} is already queued or running; not resubmitted")
@@ -107,7 +108,8 @@ def report_text(report: dict[str, Any], *, full: bool = False) -> str:
     from cot.evaluation import accuracy_text
 
     o = report["student"]["overall"]
+    fmt = o.get("format_compliance")
     return (
         f"{head}\naccuracy {accuracy_text(o)}  format compliance "
-        f"{o['format_compliance']:.1%}  n={o['n']}"
+        f"{'n/a' if fmt is None else f'{fmt:.1%}'}  n={o['n']}"
     )

@@ -169,8 +169,9 @@ class ShardedStage(Stage):
                 "engine": cfg.engine,
                 "prompt_format": cfg.prompt_format,
                 "quant": cfg.quant,
-                "precision": cfg.precision,
             }
+            if cfg.precision != "auto":  # run folders made before --precision pinned no key
+                engine["precision"] = cfg.precision
             if cfg.engine == "server":
                 engine.update(
                     server=cfg.server, server_command=cfg.server_command, server_url=cfg.server_url

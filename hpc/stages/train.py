@@ -122,9 +122,11 @@ class TrainStage(Stage):
                 for k in (
                     "epochs", "max_steps", "lr", "per_device_train_batch_size",
                     "gradient_accumulation_steps", "r", "lora_alpha", "lora_dropout",
-                    "max_length", "overlong", "optim", "quant", "precision", "seed",
+                    "max_length", "overlong", "optim", "quant", "seed",
                 )
             }  # fmt: skip
+            if cfg.precision != "auto":  # run folders made before --precision pinned no key
+                hyper["precision"] = cfg.precision
             self._fp = {
                 "stage": self.name,
                 "student": fingerprint.model(cfg.student),

@@ -124,16 +124,16 @@ def test_pass_at_k_refuses_nonsense() -> None:
 def test_majority_vote_without_a_tie_groups_equal_answers() -> None:
     # "1/2", "0.50" and "$0.5$" are one answer for answers_match: three votes against one.
     vote = majority_vote([(3, "7"), (0, "1/2"), (1, "0.50"), (2, "$0.5$")])
-    assert vote == Vote("1/2", 0, 3, False)
+    assert vote == Vote("1/2", 0, 3, False, (0, 1, 2))
 
 
 def test_majority_vote_tie_goes_to_the_lowest_sample_index() -> None:
     # File order puts "9" first, but "4" was sample 0.
-    assert majority_vote([(2, "9"), (3, "4"), (1, "9"), (0, "4")]) == Vote("4", 0, 2, True)
+    assert majority_vote([(2, "9"), (3, "4"), (1, "9"), (0, "4")]) == Vote("4", 0, 2, True, (0, 3))
 
 
 def test_none_never_votes() -> None:
-    assert majority_vote([(0, None), (1, None), (2, "3")]) == Vote("3", 2, 1, False)
+    assert majority_vote([(0, None), (1, None), (2, "3")]) == Vote("3", 2, 1, False, (2,))
     assert majority_vote([(0, None), (1, None)]) == Vote(None, None, 0, False)
     assert majority_vote([]) == Vote(None, None, 0, False)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cot.records import RecordError
 from hpc import config as C
 from hpc.launch import main
 from hpc.stages import evaluation_stages
@@ -114,3 +115,77 @@ def test_evaluate_with_k_samples_end_to_end_scores_pass_at_k_majority_and_the_te
     merged = [json.loads(x) for x in (run / "evaluate" / "merged.jsonl").read_text().splitlines()]
     assert [r["sample"] for r in merged[:3]] == [0, 1, 2]
     assert len({r["generated"] for r in merged}) > 6  # samples of one question differ
+
+
+def test_the_pipeline_scores_its_teacher_with_generates_settings_or_not_at_all() -> None:
+    from hpc.pipeline import resolve, stages_of
+
+    sets = {
+        "generate": {"max_new_tokens": 99, "prompt_format": "raw", "batch_size": 3, "mem_gb": 7},
+        "evaluate": {"max_new_tokens": 55, "num_samples": 4},
+    }
+    stages = {st.name: st for st in stages_of(resolve(str(C.DEMO_CONFIG), sets, {}))}
+    teacher = stages["evaluate_teacher"].cfg
+    assert teacher.base_model == stages["generate"].cfg.teacher and teacher.lora_model is None
+    assert (teacher.max_new_tokens, teacher.prompt_format, teacher.batch_size) == (99, "raw", 3)
+    assert (
+        teacher.mem_gb == 7 and teacher.num_samples == 4
+    )  # resources: generate's; questions: evaluate's
+    assert teacher.teacher_prompt_template == stages["generate"].cfg.prompt_template
+    assert stages["evaluate"].cfg.max_new_tokens == 55
+    off = {**sets, "evaluate": {**sets["evaluate"], "score_teacher": False}}
+    names = [st.name for st in stages_of(resolve(str(C.DEMO_CONFIG), off, {}))]
+    assert "evaluate_teacher" not in names and names[-1] == "report"
+
+
+def test_a_comparison_that_did_not_finish_leaves_the_students_report(tmp_path: Path) -> None:
+    import json
+
+    from hpc.layout import RunLayout
+    from jobs.report import Report
+
+    run = RunLayout(tmp_path)
+    merged = run.stage("evaluate").merged
+    merged.parent.mkdir(parents=True)
+    rec = {"id": "a", "sample": 0, "category": "c", "question": "q", "generated": "Final Answer: 1",
+           "pred": "1", "gold": "1", "correct": True}  # fmt: skip
+    merged.write_text(json.dumps(rec) + "\n")
+    out = Report()(str(tmp_path), {"student": "evaluate", "teacher": "evaluate_teacher"})
+    assert out["student"]["overall"]["correct"] == 1 and "teacher" not in out
+    assert out["not_scored"] == {"teacher": str(run.stage("evaluate_teacher").merged)}
+    text = run.report_md.read_text()
+    assert "- teacher: not scored (" in text and "did not finish" in text
+    assert json.loads(run.report_json.read_text())["not_scored"] == out["not_scored"]
+    merged.unlink()
+    with pytest.raises(
+        RecordError, match="file not found"
+    ):  # the student's own scores are required
+        Report()(str(tmp_path), {"student": "evaluate"})
+
+
+def test_generation_reduces_worked_golds_for_keep_correct() -> None:
+    from jobs.generate import teacher_record
+
+    rec = {"id": "q", "question": "?", "answer": "3 * 24 = <<3*24=72>>72\n#### 72"}
+    out = teacher_record(rec, 0, _Done("Step: 3 * 24 = 72\nFinal Answer: 72"))
+    assert (out["gold"], out["gold_reduced"], out["correct"]) == ("72", True, True)
+    blank = teacher_record({**rec, "answer": "  "}, 0, _Done("Final Answer: 72"))
+    assert "gold" not in blank and "correct" not in blank
+
+
+def test_merge_refuses_to_filter_a_stage_of_scores(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["merge", str(tmp_path), "--stage", "evaluate", "--keep", "majority"]) == 2
+    assert "a stage of scores is merged whole" in capsys.readouterr().err
+
+
+def test_a_finished_report_is_returned_with_where_it_is(tmp_path: Path) -> None:
+    from hpc.stages import ReportStage
+
+    cfg = _ev(tmp_path)
+    stage = ReportStage(cfg)
+    stage.layout.report_json.parent.mkdir(parents=True)
+    stage.layout.report_json.write_text('{"student": {}}')
+    handle = stage.submit(None, [])  # type: ignore[arg-type]
+    assert handle.results()[0]["report_md"] == str(stage.layout.report_md)
