@@ -425,6 +425,15 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def vote_text(vote: Mapping[str, Any]) -> str:
+    """A ``--keep majority`` merge's votes (``merge.json``'s ``majority``) in one sentence."""
+    return (
+        f"majority vote over {vote['questions']} questions: {_pct(vote['agreement'])} of "
+        f"samples agree with their majority, {vote['unanimous']} unanimous, {vote['ties']} "
+        f"ties, {vote['no_answer']} without any answer"
+    )
+
+
 def _ci(ci: list[float] | None) -> str:
     return "" if ci is None else f" [{_pct(ci[0])}, {_pct(ci[1])}]"
 
@@ -520,12 +529,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             lines.append(f"  - kept per category: {kept}")
         vote = td.get("majority")
         if isinstance(vote, Mapping) and vote.get("agreement") is not None:
-            lines.append(
-                f"  - majority vote over {vote['questions']} questions: "
-                f"{_pct(vote['agreement'])} of samples agree with their majority, "
-                f"{vote['unanimous']} unanimous, {vote['ties']} ties, "
-                f"{vote['no_answer']} without any answer"
-            )
+            lines.append(f"  - {vote_text(vote)}")
     lines += ["", *_table(report, models)]
     return "\n".join(lines) + "\n"
 

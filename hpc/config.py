@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from cot.models import PRECISIONS
 from hpc.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -116,9 +117,6 @@ class ClusterFields:
         "runs/default", "run folder (plans, shards, markers, logs, outputs)", path=PATH, sbatch=True
     )
     wait: bool = opt(False, "block until the stage (and its merge) finishes")
-
-
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 @dataclass
@@ -522,8 +520,8 @@ def describe_settings(stage: str, cfg: Any, origins: dict[str, str]) -> str:
     parts = []
     for name in HYPERPARAMETERS.get(stage, ()):
         value = getattr(cfg, name)
-        if name in ("teacher", "student", "base_model", "lora_model", "deepspeed") and value:
-            value = Path(value).name if name == "deepspeed" else value
+        if name == "deepspeed" and value:
+            value = Path(value).name
         parts.append(f"{name}={value} ({origins.get(name, 'default')})")
     return f"{stage}: " + ", ".join(parts)
 

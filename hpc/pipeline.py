@@ -77,21 +77,20 @@ def teacher_of(gen: C.GenerateConfig, ev: C.EvaluateConfig) -> C.EvaluateConfig:
     """The config that scores generate's teacher on the test questions: the test questions,
     shards, samples and decoding of ``evaluate``; the model, prompt, prompt format, answer
     length, engine (a server included) and resources of ``generate``."""
+    from hpc.stages import teacher_config
+
     from_gen = {
         name: getattr(gen, name)
         for cls in (C.ClusterFields, C.ModelFields, C.EngineFields)
         for name in C.fields_of(cls)
         if name not in ("run_dir", "wait")  # one run folder; the pipeline decides the waiting
     }
+    scored = dataclasses.replace(
+        ev, teacher=gen.teacher, teacher_prompt_template=gen.prompt_template
+    )
     return dataclasses.replace(
-        ev,
+        teacher_config(scored),
         **from_gen,
-        base_model=gen.teacher,
-        teacher=gen.teacher,
-        lora_model=None,
-        output=None,
-        compare_base=False,
-        teacher_prompt_template=gen.prompt_template,
         max_new_tokens=gen.max_new_tokens,
         batch_size=gen.batch_size,
     )

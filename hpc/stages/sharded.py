@@ -49,14 +49,10 @@ def describe(counts: dict[str, Any]) -> str:
     if counts["keep"] != "all":
         for cat, (kept, total) in sorted(counts["per_category"].items()):
             lines.append(f"  {cat:<16} kept {kept:>6} of {total:>6}")
-    vote = counts.get("majority")
-    if vote:
-        share = "-" if vote["agreement"] is None else f"{vote['agreement']:.1%}"
-        lines.append(
-            f"  majority vote over {vote['questions']} questions: {share} of samples agree "
-            f"with their majority, {vote['unanimous']} unanimous, {vote['ties']} ties, "
-            f"{vote['no_answer']} without any answer"
-        )
+    if counts.get("majority"):
+        from cot.evaluation import vote_text
+
+        lines.append(f"  {vote_text(counts['majority'])}")
     for o in counts["outputs"]:
         lines.append(f"  copied to {o}")
     return "\n".join(lines)
