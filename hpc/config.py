@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 
 import yaml
 
-from cot.models import PRECISIONS
 from hpc.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -117,6 +116,11 @@ class ClusterFields:
         "runs/default", "run folder (plans, shards, markers, logs, outputs)", path=PATH, sbatch=True
     )
     wait: bool = opt(False, "block until the stage (and its merge) finishes")
+
+
+# The same four as cot.models.PRECISIONS, spelled here so that the CLI starts without
+# importing the loader module (tests/hpc/test_config.py checks that they agree).
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 @dataclass

@@ -17,9 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cot.training import TrainOutputs
-
-__all__ = ["SHARDED_STAGES", "RunLayout", "StageLayout", "TrainOutputs", "shard_name"]
+__all__ = ["SHARDED_STAGES", "RunLayout", "StageLayout", "shard_name"]
 
 SHARDED_STAGES = ("generate", "evaluate", "evaluate_base", "evaluate_teacher")
 

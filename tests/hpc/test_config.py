@@ -302,3 +302,9 @@ def test_the_demo_config_gives_the_tiny_settings_and_names_its_lines() -> None:
     assert (cfg.lr, cfg.per_device_train_batch_size, cfg.max_length) == (0.01, 8, 256)
     assert origins["lr"].startswith("demo.yaml:")
     assert C.load_config(C.TrainConfig, "train", None).lr == 2.0e-4
+
+
+def test_the_clis_precisions_are_the_loaders() -> None:
+    from cot import models
+
+    assert C.PRECISIONS == models.PRECISIONS
