@@ -83,10 +83,9 @@ def exchange(a: Path, b: Path) -> bool:
 def atomic_dir(dest: str | Path) -> Iterator[Path]:
     """Yield a new folder, named uniquely beside ``dest``; on success put it in ``dest``'s place.
 
-    Everything in it is fsync'd first. An existing ``dest`` is swapped out in one step where
-    the file system can (``exchange``), else renamed aside just before the new one is renamed
-    in. Two writers never share a temp folder; on any error the temp folder is removed and
-    ``dest`` is left as it was.
+    Everything in it is fsync'd first, then ``_place`` moves it in. Two writers never share a
+    temp folder and may place theirs at the same moment: both succeed and ``dest`` is wholly
+    one of them. On any error the temp folder is removed and ``dest`` is left as it was.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -97,23 +96,55 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; give it a new folder's mode
         fsync_tree(tmp)
-        if dest.exists() and exchange(tmp, dest):
-            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old content
-        elif dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-            os.replace(dest, old)  # a folder may replace an empty one
-            try:
-                os.replace(tmp, dest)
-            except BaseException:
-                os.replace(old, dest)  # put the old one back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        _place(tmp, dest)
         fsync_dir(dest.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_TAKEN = (errno.ENOTEMPTY, errno.EEXIST)  # rename(2) onto a folder that has content
+
+
+def _place(tmp: Path, dest: Path, attempts: int = 100) -> None:
+    """Put folder ``tmp`` at ``dest`` without a moment where a reader sees a mix.
+
+    Never "check, then rename": another writer may land ``dest`` in between. Each step is tried
+    and its failure read instead. A rename wins where ``dest`` is absent; where it is taken,
+    ``exchange`` swaps it out in one step (the old content is then deleted from ``tmp``); a file
+    system without it gets the old folder renamed aside just before ours is renamed in. A
+    writer that loses a step to another tries again; after ``attempts`` it gives up.
+    """
+    for _ in range(attempts):
+        try:
+            os.rename(tmp, dest)  # dest absent (or an empty folder): done
+            return
+        except OSError as err:
+            if err.errno not in _TAKEN:
+                raise
+        try:
+            if exchange(tmp, dest):
+                shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old content
+                return
+        except FileNotFoundError:
+            continue  # another writer moved dest aside in between: rename again
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+        try:
+            os.replace(dest, old)  # a folder may replace an empty one
+        except FileNotFoundError:
+            old.rmdir()
+            continue
+        try:
+            os.rename(tmp, dest)
+        except OSError as err:
+            if err.errno not in _TAKEN:
+                os.replace(old, dest)  # put the old one back
+                raise
+            # another writer's whole folder landed in the gap; ours goes on to replace it
+        shutil.rmtree(old, ignore_errors=True)
+        if not tmp.exists():
+            return
+    raise OSError(errno.EBUSY, f"{dest}: other writers kept replacing it; gave up", str(dest))
 
 
 @contextlib.contextmanager

@@ -236,6 +236,54 @@ def test_atomic_dir_failure_leaves_the_old_folder_and_no_temp(tmp_path: Path) ->
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+@pytest.mark.parametrize("can_exchange", [True, False])
+def test_atomic_dir_two_writers_placing_at_once_both_succeed_and_one_wins_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, can_exchange: bool
+) -> None:
+    """Two writers that reach the placement step together, over and over (a fresh ``dest``
+    and an existing one): neither fails, ``dest`` is wholly one of them, nothing is left
+    beside it. A check-then-rename leaves the loser with ENOTEMPTY."""
+    import threading
+
+    from cot import records
+
+    if not can_exchange:
+        monkeypatch.setattr(records, "exchange", lambda a, b: False)
+    real_fsync_tree = records.fsync_tree
+    gate = threading.Barrier(2, timeout=10)
+
+    def fsync_tree(root: Path) -> None:
+        real_fsync_tree(root)
+        gate.wait()  # both writers leave fsync and place their folder at the same moment
+
+    monkeypatch.setattr(records, "fsync_tree", fsync_tree)
+    for round_ in range(40):
+        dest = tmp_path / f"r{round_}" / "adapter"
+        if round_ % 2:  # odd rounds: an older folder is already there
+            dest.mkdir(parents=True)
+            (dest / "w.bin").write_text("old")
+        errors: list[BaseException] = []
+
+        def write(who: str, dest: Path = dest, errors: list[BaseException] = errors) -> None:
+            try:
+                with records.atomic_dir(dest) as tmp:
+                    (tmp / "w.bin").write_text(who)
+                    (tmp / "c.json").write_text(who)
+            except BaseException as err:
+                errors.append(err)
+
+        threads = [threading.Thread(target=write, args=(w,)) for w in ("first", "second")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [], (round_, errors)
+        contents = {p.name: p.read_text() for p in dest.iterdir()}
+        assert set(contents) == {"w.bin", "c.json"}, (round_, contents)
+        assert len(set(contents.values())) == 1 and "old" not in contents.values(), contents
+        assert [p.name for p in dest.parent.iterdir()] == ["adapter"], round_
+
+
 def test_exchange_swaps_two_folders_in_one_step_here(tmp_path: Path) -> None:
     """Linux renameat2(RENAME_EXCHANGE): both names exist at every moment."""
     from cot.records import exchange
