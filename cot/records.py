@@ -117,7 +117,7 @@ def _place(tmp: Path, dest: Path, attempts: int = 100) -> None:
     """
     for _ in range(attempts):
         try:
-            os.rename(tmp, dest)  # dest absent (or an empty folder): done
+            os.replace(tmp, dest)  # dest absent (or an empty folder): done
             return
         except OSError as err:
             if err.errno not in _TAKEN:
@@ -135,7 +135,7 @@ def _place(tmp: Path, dest: Path, attempts: int = 100) -> None:
             old.rmdir()
             continue
         try:
-            os.rename(tmp, dest)
+            os.replace(tmp, dest)
         except OSError as err:
             if err.errno not in _TAKEN:
                 os.replace(old, dest)  # put the old one back
