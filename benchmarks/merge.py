@@ -30,8 +30,8 @@ def make_synthetic(stage_dir: Path, gb: float, shards: int, record_bytes: int = 
     ids = [f"rec-{i:09d}" for i in range(n)]
     stage_dir.mkdir(parents=True, exist_ok=True)
     inp = stage_dir / "input.jsonl"
-    inp.write_text("".join(json.dumps({"id": i, "question": "q"}) + "\n" for i in ids[:10]))
-    plan = S.make_plan(inp, ids, shards)
+    inp.write_text("".join(json.dumps({"id": i, "question": "q"}) + "\n" for i in ids))
+    plan = S.make_plan(inp, shards)
     S.write_or_check_plan(stage_dir, plan)
     pad = "x" * (record_bytes - 150)
     for shard in range(shards):
@@ -57,7 +57,13 @@ def make_synthetic(stage_dir: Path, gb: float, shards: int, record_bytes: int = 
         S.write_marker(
             stage_dir,
             shard,
-            {"records": hi - lo, "errors": 0, "bytes": len(data), "crc32": zlib.crc32(data)},
+            {
+                "records": hi - lo,
+                "errors": 0,
+                "bytes": len(data),
+                "crc32": zlib.crc32(data),
+                "slice": plan.slices[shard][5],
+            },
         )
     return n
 

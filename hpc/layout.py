@@ -5,7 +5,7 @@ No other module builds a run-folder path from strings: the shard protocol, the s
 
     runs/<name>/
       .cot-hpc-run  config.yaml  launch.json  .lock  logs/<job_id>_<task>_log.out|err
-      <stage>/plan.json  shards/00003.jsonl  completions/00003  attempts/00003
+      <stage>/plan.json  shards/00003.jsonl  completions/00003  attempts/00003  progress/00003
       <stage>/servers/00003.log   (--engine server: the inference server each task started)
       <stage>/merged.jsonl  merge.json
       train/COMPLETE  train/checkpoints/  train/adapter/  train/metrics.jsonl
@@ -52,6 +52,11 @@ class StageLayout:
     def attempts_dir(self) -> Path:
         """The folder of per-shard attempt logs."""
         return self.dir / "attempts"
+
+    def progress(self, i: int) -> Path:
+        """``progress/00003``: how many records the running task has on disk (for ``status``;
+        rewritten every few seconds, never fsync'd: a hint, the shard file is the truth)."""
+        return self.dir / "progress" / shard_name(i)
 
     def shard(self, i: int) -> Path:
         """``shards/00003.jsonl``: appended per batch, rewritten in plan order at the end."""

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cot.engines import Completion, Engine, Prompt, Request
-from cot.records import DurableAppender, read_questions
+from cot.records import DurableAppender
 from hpc import logs
 from hpc import shards as S
 from hpc.config import ShardedFields
@@ -35,6 +35,7 @@ from hpc.locks import Busy, FileLock, holder_text
 log = logging.getLogger(__name__)
 
 Item = tuple[dict[str, Any], int]  # (input record, sample index)
+PROGRESS_EVERY_S = 5.0  # how often a task tells ``status`` its count (progress/<shard>)
 
 
 def progress(total: int, initial: int, desc: str) -> Any:
@@ -202,22 +203,15 @@ def shard_lease(
 def _run_leased(
     stage_dir: Path, shard: int, lease: FileLock, work: ShardWork, info: dict[str, Any]
 ) -> dict[str, Any]:
-    input_path, seed, to_record = work.input_path, work.seed, work.to_record
+    seed, to_record = work.seed, work.to_record
     plan = S.load_plan(stage_dir)
-    if S.sha256_file(input_path) != plan.input_sha256:
-        raise S.PlanError(
-            f"{input_path}: the input changed since the launch (sha256 differs from "
-            f"{stage_dir / 'plan.json'}); relaunch into a new --run-dir"
-        )
+    # Only this shard's bytes are read, and checked against the sha256 the launch recorded.
+    records = plan.records(shard, work.input_path)
     S.append_attempt(stage_dir, shard, {**info, "time": time.time()})  # work begins now
     path = S.shard_path(stage_dir, shard)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = S.recover_shard(path)
-    lo, hi = plan.ranges[shard]
-    records = read_questions(
-        input_path, start_index=work.start_index, num_samples=work.num_samples
-    )[lo:hi]
-    wanted = plan.keys(shard)
+    wanted = plan.keys(shard, records)
     by_id = {r["id"]: r for r in records}
     todo: list[Item] = [(by_id[rid], s) for rid, s in wanted if (rid, s) not in done]
     log.info(
@@ -226,6 +220,8 @@ def _run_leased(
     S.append_attempt(stage_dir, shard, {"event": "resume", "on_disk": len(done), "todo": len(todo)})
     if todo:
         generated, tokens, t0 = 0, 0, time.time()
+        S.write_progress(stage_dir, shard, len(done))
+        told = time.monotonic()
         with work.open_engine() as (engine, prompt_of):
             items = {(it[0]["id"], it[1]): it for it in todo}
             requests = [
@@ -251,11 +247,15 @@ def _run_leased(
                         tokens += completion.tokens
                         lease.refresh()
                         bar.update(1)
+                        if time.monotonic() - told >= PROGRESS_EVERY_S:
+                            S.write_progress(stage_dir, shard, len(done) + generated)
+                            told = time.monotonic()
                     if terminated():
                         log.info(f"shard {shard}: SIGTERM, stopping at a record boundary")
                         raise Terminated(128 + signal.SIGTERM)
             finally:
                 bar.close()
+                S.write_progress(stage_dir, shard, len(done) + generated)
                 S.append_attempt(
                     stage_dir,
                     shard,
@@ -263,7 +263,7 @@ def _run_leased(
                 )
         dt = time.time() - t0
         log.info(f"shard {shard}: {generated} records, {tokens} tokens in {dt:.1f}s")
-    n = S.finish_shard(stage_dir, plan, shard)
+    n = S.finish_shard(stage_dir, plan, shard, wanted)
     return {"shard": shard, "status": "complete", "records": n, "generated": len(todo)}
 
 

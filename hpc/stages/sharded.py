@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cot.records import read_questions
+from cot.records import QuestionIndex, scan_questions
 from hpc import config as C
 from hpc import runs
 from hpc import shards as S
@@ -130,7 +130,7 @@ class ShardedStage(Stage):
         self.name, self.cfg, self.worker = name, cfg, worker
         self.keep, self.samples = keep, samples
         self.dir: StageLayout = self.layout.stage(name)
-        self._ids: list[str] = []
+        self._fresh: S.Plan | None = None  # the plan this launch makes (validate)
         self._plan: S.Plan | None = None
 
     # ------------------------------------------------------------------ before submission
@@ -139,20 +139,21 @@ class ShardedStage(Stage):
 
     def validate(self, produced: set[Path]) -> None:
         cfg = self.cfg
-        records = read_questions(
-            cfg.input, start_index=cfg.start_index, num_samples=cfg.num_samples
-        )
+        # One streaming pass validates every record; nothing of them is kept but 16 bytes each.
+        index = scan_questions(cfg.input, start_index=cfg.start_index, num_samples=cfg.num_samples)
         check_engine(cfg, adapter=getattr(cfg, "lora_model", None))
         check_sampling(cfg, self.keep)
         self.check_models(produced)
-        if self.keep == "correct" and not any("answer" in r for r in records):
+        if self.keep == "correct" and not index.has_answer:
             raise ConfigError(f"{cfg.input}: --keep correct needs an `answer` field in the input")
-        self._ids = [r["id"] for r in records]
+        self._fresh = self._new_plan(index)
 
-    def _new_plan(self) -> S.Plan:
+    def _new_plan(self, index: QuestionIndex | None = None) -> S.Plan:
+        if self._fresh is not None:
+            return self._fresh
         cfg = self.cfg
         selection = {"start_index": cfg.start_index, "num_samples": cfg.num_samples}
-        return S.make_plan(cfg.input, self._ids, cfg.shards, self.samples, selection)
+        return S.make_plan(cfg.input, cfg.shards, self.samples, selection, index=index)
 
     def model_fields(self) -> dict[str, Any]:
         """The models of the stage, fingerprinted (overridden per stage)."""
@@ -370,11 +371,13 @@ class ShardedStage(Stage):
         failed = []
         written = requeues = 0
         for i in range(plan.shards):
-            written += _count_lines(stage.shard(i))
+            # Markers and progress counters only: never a shard's contents (O(shards)).
             requeues += max(0, _starts(stage.attempts(i)) - 1)
             if i in done:
                 counts["done"] += 1
+                written += plan.slices[i][3] * plan.samples
                 continue
+            written += S.read_progress(stage.dir, i)
             jid = info["shards"].get(i, "")
             state = states.get(jid, "")
             if state == "RUNNING":
@@ -403,13 +406,6 @@ class ShardedStage(Stage):
             "merge": merge_state,
             "merge_summary": json.loads(merged.read_text()) if merged.exists() else None,
         }
-
-
-def _count_lines(path: Path) -> int:
-    if not path.exists():
-        return 0
-    with open(path, "rb") as fh:
-        return sum(1 for line in fh if line.endswith(b"\n"))
 
 
 def _starts(path: Path) -> int:

@@ -40,10 +40,14 @@ def _line(rec: dict[str, Any]) -> str:
 
 
 def _stage(tmp_path: Path, n: int, shards: int, samples: int = 1) -> tuple[Path, S.Plan]:
-    path, ids = _input(tmp_path, n)
+    path, _ = _input(tmp_path, n)
     stage_dir = tmp_path / "run" / "generate"
-    plan = S.write_or_check_plan(stage_dir, S.make_plan(path, ids, shards, samples))
+    plan = S.write_or_check_plan(stage_dir, S.make_plan(path, shards, samples))
     return stage_dir, plan
+
+
+def _ids(plan: S.Plan) -> list[str]:
+    return [r["id"] for shard in range(plan.shards) for r in plan.records(shard)]
 
 
 def _complete_all(stage_dir: Path, plan: S.Plan, **extra: Any) -> None:
@@ -60,7 +64,7 @@ def _complete_all(stage_dir: Path, plan: S.Plan, **extra: Any) -> None:
 @pytest.mark.parametrize(("n", "shards"), [(10, 3), (48, 8), (7, 7), (100, 6), (5, 1)])
 def test_plan_ranges_balanced_contiguous_and_complete(tmp_path: Path, n: int, shards: int) -> None:
     path, ids = _input(tmp_path, n)
-    plan = S.make_plan(path, ids, shards)
+    plan = S.make_plan(path, shards)
     assert len(plan.ranges) == shards
     assert plan.ranges[0][0] == 0 and plan.ranges[-1][1] == n
     for (_, hi), (lo, _) in zip(plan.ranges, plan.ranges[1:], strict=False):
@@ -74,8 +78,8 @@ def test_plan_ranges_balanced_contiguous_and_complete(tmp_path: Path, n: int, sh
 
 def test_plan_is_deterministic_and_pins_the_input(tmp_path: Path) -> None:
     path, ids = _input(tmp_path, 20)
-    a = S.make_plan(path, ids, 6, samples=2, selection={"start_index": 0})
-    b = S.make_plan(path, list(ids), 6, samples=2, selection={"start_index": 0})
+    a = S.make_plan(path, 6, samples=2, selection={"start_index": 0})
+    b = S.make_plan(path, 6, samples=2, selection={"start_index": 0})
     assert a.to_json() == b.to_json()
     assert a.input_sha256 == S.sha256_file(path)
     assert a.keys(0) == [
@@ -89,23 +93,23 @@ def test_plan_is_deterministic_and_pins_the_input(tmp_path: Path) -> None:
 
 
 def test_plan_more_shards_than_records_names_the_file(tmp_path: Path) -> None:
-    path, ids = _input(tmp_path, 3)
+    path, _ = _input(tmp_path, 3)
     with pytest.raises(RecordError, match=r"q\.jsonl.*4 shards for 3 records"):
-        S.make_plan(path, ids, 4)
+        S.make_plan(path, 4)
 
 
 def test_plan_written_once_and_relaunch_checked(tmp_path: Path) -> None:
     stage_dir, plan = _stage(tmp_path, 12, 3)
     text = (stage_dir / "plan.json").read_text()
-    again = S.write_or_check_plan(stage_dir, S.make_plan(plan.input, plan.ids, 3))
+    again = S.write_or_check_plan(stage_dir, S.make_plan(plan.input, 3))
     assert again.ranges == plan.ranges
     assert (stage_dir / "plan.json").read_text() == text
     with pytest.raises(S.PlanError, match=r"--shards 4 differs from the planned 3"):
-        S.write_or_check_plan(stage_dir, S.make_plan(plan.input, plan.ids, 4))
-    other, ids = _input(tmp_path, 12, "other.jsonl")
+        S.write_or_check_plan(stage_dir, S.make_plan(plan.input, 4))
+    other, _ = _input(tmp_path, 12, "other.jsonl")
     other.write_text(other.read_text() + "\n")  # same records, other bytes
     with pytest.raises(S.PlanError, match=r"other\.jsonl.*differs from the planned input"):
-        S.write_or_check_plan(stage_dir, S.make_plan(other, ids, 3))
+        S.write_or_check_plan(stage_dir, S.make_plan(other, 3))
     assert (stage_dir / "plan.json").read_text() == text
     assert S.load_plan(stage_dir).ranges == plan.ranges
 
@@ -206,6 +210,7 @@ def test_finish_reorders_drops_duplicates_then_marks(tmp_path: Path) -> None:
         "errors": 0,
         "bytes": len(data),
         "crc32": zlib.crc32(data),
+        "slice": plan.slices[1][5],
     }
     assert S.completed(stage_dir) == {1}
     assert S.incomplete(stage_dir, plan) == [0]
@@ -233,7 +238,7 @@ def test_merge_streams_in_plan_order(tmp_path: Path) -> None:
     merged = (stage_dir / "merged.jsonl").read_bytes()
     assert out.read_bytes() == merged
     keys = [S.record_key(json.loads(x)) for x in merged.decode().splitlines()]
-    assert keys == [(rid, s) for rid in plan.ids for s in range(2)]
+    assert keys == [(rid, s) for rid in _ids(plan) for s in range(2)]
 
 
 @pytest.mark.parametrize("fault", ["duplicate", "out_of_order", "short", "foreign"])
@@ -261,7 +266,7 @@ def test_merge_any_key_order_and_odd_ids(tmp_path: Path, style: str) -> None:
     src = tmp_path / "q.jsonl"
     src.write_text("".join(json.dumps({"id": i, "question": "?"}) + "\n" for i in ids))
     stage_dir = tmp_path / "run" / "generate"
-    plan = S.write_or_check_plan(stage_dir, S.make_plan(src, ids, 2))
+    plan = S.write_or_check_plan(stage_dir, S.make_plan(src, 2))
 
     def line(rid: str) -> str:
         if style == "sample_first":
@@ -285,25 +290,8 @@ def test_merge_any_key_order_and_odd_ids(tmp_path: Path, style: str) -> None:
     path = S.shard_path(stage_dir, 1)
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     path.write_text(lines[1] + lines[0] + lines[2], encoding="utf-8")
-    with pytest.raises(S.PlanError, match=r"00001\.jsonl:1: expected record"):
+    with pytest.raises(S.PlanError, match=r"00001\.jsonl: changed after it was marked"):
         S.write_merged(stage_dir, plan, [])
-
-
-def test_line_prefixes_spell_what_our_writer_writes(tmp_path: Path) -> None:
-    """Every line ``cot.records.dumps`` writes starts with its plan prefix, and no other does."""
-    ids = ["plain", 'quo"te', "back\\slash", "uni-é", "tab\tid", "nl\nid", "1", "12"]
-    src = tmp_path / "q.jsonl"
-    src.write_text("".join(json.dumps({"id": i, "question": "?"}) + "\n" for i in ids))
-    plan = S.make_plan(src, ids, 2, samples=12)
-    for shard in range(plan.shards):
-        prefixes = S._line_prefixes(plan, shard)
-        keys = plan.keys(shard)
-        assert len(prefixes) == len(keys)
-        lines = [dumps({"id": rid, "sample": s, "cot": "x"}).encode() for rid, s in keys]
-        for i, line in enumerate(lines):
-            matching = [k for k, pre in enumerate(prefixes) if line.startswith(pre)]
-            # Only its own prefix: "1" is no prefix of "12", sample 1 no prefix of sample 11.
-            assert matching == [i], (line, matching)
 
 
 @pytest.mark.parametrize("block", [100, 16])
@@ -319,25 +307,23 @@ def test_merge_across_block_boundaries_and_fast_path_taken(
     expected = b"".join(S.shard_path(stage_dir, i).read_bytes() for i in range(plan.shards))
     # Lines of ~40 bytes straddle 100-byte blocks; at 16 bytes every line spans several blocks.
     monkeypatch.setattr(S, "_BLOCK", block)
-    slow: list[int] = []
-    real_check = S._check_lines
+    parsed: list[int] = []
+    real_parsed = S._parsed
 
-    def spy(*args: Any) -> None:
-        slow.append(1)
-        real_check(*args)
+    def spy(*args: Any) -> Any:
+        parsed.append(1)
+        return real_parsed(*args)
 
-    monkeypatch.setattr(S, "_check_lines", spy)
+    monkeypatch.setattr(S, "_parsed", spy)
     assert S.write_merged(stage_dir, plan, [])["total"] == 80
     assert (stage_dir / "merged.jsonl").read_bytes() == expected
-    assert slow == []  # records our writer wrote never need json.loads
-    # A swap deep inside shard 2 is named by its line, found across block boundaries.
+    assert parsed == []  # the marker's checksum seals the shard: no line is parsed
+    # A swap deep inside shard 2, after it was marked: caught and the shard named.
     path = S.shard_path(stage_dir, 2)
     lines = path.read_text().splitlines(keepends=True)
     lines[20], lines[21] = lines[21], lines[20]
     path.write_text("".join(lines))
-    with pytest.raises(
-        S.PlanError, match=r"00002\.jsonl:21: expected record \('q036', 0\), found \('q036', 1\)"
-    ):
+    with pytest.raises(S.PlanError, match=r"00002\.jsonl: changed after it was marked complete"):
         S.write_merged(stage_dir, plan, [])
     assert (stage_dir / "merged.jsonl").read_bytes() == expected
     # An unparsable line is named too, and the torn end of a marked shard is refused.
@@ -346,7 +332,7 @@ def test_merge_across_block_boundaries_and_fast_path_taken(
     with pytest.raises(S.PlanError, match=r"00002\.jsonl:6: not a valid JSON record"):
         S.write_merged(stage_dir, plan, [])
     path.write_text("".join(lines)[:-1])
-    with pytest.raises(S.PlanError, match=r"00002\.jsonl:28: torn last line"):
+    with pytest.raises(S.PlanError, match=r"00002\.jsonl: changed after it was marked"):
         S.write_merged(stage_dir, plan, [])
 
 
@@ -405,7 +391,7 @@ def test_merge_failure_leaves_existing_outputs_intact(tmp_path: Path) -> None:
     path = S.shard_path(stage_dir, 2)
     lines = path.read_text().splitlines(keepends=True)
     path.write_text(lines[1] + lines[0] + lines[2])
-    with pytest.raises(S.PlanError, match=r"00002\.jsonl:1: expected record"):
+    with pytest.raises(S.PlanError, match=r"00002\.jsonl: changed after it was marked"):
         S.write_merged(stage_dir, plan, [out])
     assert out.read_text() == "KEEP ME\n"
     assert (stage_dir / "merged.jsonl").read_text() == "OLD MERGE\n"
@@ -415,8 +401,8 @@ def test_merge_failure_leaves_existing_outputs_intact(tmp_path: Path) -> None:
 
 def test_keep_correct_keeps_only_correct_and_counts_per_category(tmp_path: Path) -> None:
     stage_dir, plan = _stage(tmp_path, 12, 3)
-    cats = {rid: ("algebra", "arithmetic", "word")[i % 3] for i, rid in enumerate(plan.ids)}
-    correct = {rid: i % 2 == 0 for i, rid in enumerate(plan.ids)}
+    cats = {rid: ("algebra", "arithmetic", "word")[i % 3] for i, rid in enumerate(_ids(plan))}
+    correct = {rid: i % 2 == 0 for i, rid in enumerate(_ids(plan))}
     for shard in range(plan.shards):
         path = S.shard_path(stage_dir, shard)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -431,11 +417,11 @@ def test_keep_correct_keeps_only_correct_and_counts_per_category(tmp_path: Path)
     out = tmp_path / "kept.jsonl"
     counts = Merge()(str(run_dir), "generate", [str(out)], "correct")
     kept = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [r["id"] for r in kept] == [rid for rid in plan.ids if correct[rid]]
+    assert [r["id"] for r in kept] == [rid for rid in _ids(plan) if correct[rid]]
     assert all(r["correct"] is True for r in kept)
     assert counts["total"] == 12 and counts["kept"] == 6
     expected: dict[str, list[int]] = {}
-    for rid in plan.ids:
+    for rid in _ids(plan):
         c = expected.setdefault(cats[rid], [0, 0])
         c[0] += int(correct[rid])
         c[1] += 1
@@ -455,7 +441,7 @@ def test_keep_majority_keeps_the_majority_traces_and_reports_votes(tmp_path: Pat
         3: ["5", "5", "5", "5"],  # unanimous
     }
     stage_dir, plan = _stage(tmp_path, 4, 2, samples=4)
-    index = {rid: i for i, rid in enumerate(plan.ids)}
+    index = {rid: i for i, rid in enumerate(_ids(plan))}
     for shard in range(plan.shards):
         path = S.shard_path(stage_dir, shard)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -549,16 +535,20 @@ def test_merge_refuses_a_shard_changed_after_its_marker(tmp_path: Path, fault: s
     assert (stage_dir / "merged.jsonl").read_text() == "old\n"  # nothing replaced
 
 
-def test_merge_of_an_older_marker_without_checksum_parses_every_line(tmp_path: Path) -> None:
-    """A marker written before byte counts existed is still merged, with every line parsed."""
+@pytest.mark.parametrize("marker", ["older", "other_plan"])
+def test_merge_refuses_a_marker_not_written_for_this_plan(tmp_path: Path, marker: str) -> None:
+    """A marker without the checksum and slice fields (an older version), or sealed against
+    another plan's slice, is never trusted: the merge names it and writes nothing."""
     stage_dir, plan = _stage(tmp_path, 6, 2)
     _complete_all(stage_dir, plan)
-    for shard in range(plan.shards):
-        S.marker_path(stage_dir, shard).write_text(json.dumps({"records": 3, "errors": 0}))
-    assert S.write_merged(stage_dir, plan, [])["total"] == 6
-    path = S.shard_path(stage_dir, 0)
-    lines = path.read_bytes().splitlines(keepends=True)
-    lines[1] = lines[1][:30] + b" GARBAGE\n"
-    path.write_bytes(b"".join(lines))
-    with pytest.raises(S.PlanError, match=r"00000\.jsonl:2: not a valid JSON record"):
-        S.write_merged(stage_dir, plan, [])
+    path = S.marker_path(stage_dir, 1)
+    fields = json.loads(path.read_text())
+    if marker == "older":
+        fields = {"records": 3, "errors": 0}
+    else:
+        fields["slice"] = plan.slices[0][5]
+    path.write_text(json.dumps(fields))
+    for keep in (None, lambda recs: [True] * len(recs)):
+        with pytest.raises(S.PlanError, match=r"completions/00001: this marker was not written"):
+            S.write_merged(stage_dir, plan, [], keep=keep)
+    assert not (stage_dir / "merged.jsonl").exists()

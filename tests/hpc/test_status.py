@@ -31,13 +31,14 @@ def _run_folder(tmp_path: Path, kind: str = "slurm") -> Path:
     src = tmp_path / "q.jsonl"
     ids = [f"q{i}" for i in range(9)]
     src.write_text("".join(json.dumps({"id": i, "question": f"{i}?"}) + "\n" for i in ids))
-    plan = S.write_or_check_plan(stage_dir, S.make_plan(src, ids, 3))
+    plan = S.write_or_check_plan(stage_dir, S.make_plan(src, 3))
 
     def write(shard: int, n: int) -> None:
         path = S.shard_path(stage_dir, shard)
         path.parent.mkdir(parents=True, exist_ok=True)
         keys = plan.keys(shard)[:n]
         path.write_text("".join(json.dumps({"id": k[0], "sample": k[1]}) + "\n" for k in keys))
+        S.write_progress(stage_dir, shard, n)  # what the task tells status as it goes
 
     write(0, 3)
     S.finish_shard(stage_dir, plan, 0)
@@ -63,6 +64,8 @@ def test_status_counts_and_one_sacct_call(
     )
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
 
+    # status reads markers and progress counters, never a shard's contents (O(shards)).
+    S.shard_path(run_dir / "generate", 1).write_text("not read\n" * 100)
     data = collect(run_dir)
     row = data["stages"]["generate"]
     assert (row["done"], row["running"], row["pending"], row["failed"]) == (1, 1, 0, 1)

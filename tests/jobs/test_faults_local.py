@@ -61,11 +61,8 @@ def run_shard_inline(run: Path, inp: Path, shard: int = 0) -> dict:  # type: ign
             "cpus_per_task": 2,
         },
     )
-    from cot.records import read_questions
-
-    ids = [r["id"] for r in read_questions(inp)]
     S.write_or_check_plan(
-        run / "generate", S.make_plan(inp, ids, 1, 1, {"start_index": 0, "num_samples": None})
+        run / "generate", S.make_plan(inp, 1, 1, {"start_index": 0, "num_samples": None})
     )
     return GenerateShard()(C.resolve_paths(cfg), shard)  # type: ignore[no-any-return]
 

@@ -91,11 +91,8 @@ def _cfg(run: Path, inp: Path, tiny_models: Path, **extra: Any) -> Any:
 
 
 def _plan(run: Path, inp: Path) -> None:
-    from cot.records import read_questions
-
-    ids = [r["id"] for r in read_questions(inp)]
     S.write_or_check_plan(
-        run / "generate", S.make_plan(inp, ids, 1, 1, {"start_index": 0, "num_samples": None})
+        run / "generate", S.make_plan(inp, 1, 1, {"start_index": 0, "num_samples": None})
     )
 
 
