@@ -62,7 +62,7 @@ def make_synthetic(stage_dir: Path, gb: float, shards: int, record_bytes: int = 
                 "errors": 0,
                 "bytes": len(data),
                 "crc32": zlib.crc32(data),
-                "slice": plan.slices[shard][5],
+                "slice": plan.digest(shard),
             },
         )
     return n

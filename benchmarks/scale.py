@@ -9,6 +9,7 @@ never carries another's memory. Each goal is printed with MET or MISSED:
 
 - launcher (validate + plan at 10,000 shards): time against ``sha256sum`` of the same file (the
   I/O-and-hash floor), goal <= 2x; peak RSS < 300 MB at 10M;
+- the same for Parquet (1M questions by default);
 - one task's start-up at 10,000 shards (plan load, slice read and check): the same at every
   size within noise, < 100 MB of RSS over a bare interpreter;
 - ``status`` (the whole command) on a run folder of 10,000 shards: < 2 s;
@@ -130,15 +131,29 @@ def timed(cmd: list[str]) -> float:
     return time.perf_counter() - t
 
 
-def bench_size(root: Path, n: int, bare_mb: float) -> dict[str, float]:
+def to_parquet(src: Path, dest: Path, group: int) -> None:
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
+
+    pq.write_table(pj.read_json(src), dest, row_group_size=group)
+
+
+def bench_size(
+    root: Path, n: int, bare_mb: float, parquet: bool = False, group: int = 65_536
+) -> dict[str, float]:
     inp = root / f"q{n}.jsonl"
     t = time.perf_counter()
     synth(inp, n)
+    kind = "JSONL"
+    if parquet:
+        to_parquet(inp, inp.with_suffix(".parquet"), group)
+        inp.unlink()
+        inp, kind = inp.with_suffix(".parquet"), f"Parquet, {group:,}-row groups"
     mb = inp.stat().st_size / 1e6
-    print(f"\n{n:,} questions: {mb:,.0f} MB of JSONL ({time.perf_counter() - t:.1f}s to write)")
+    print(f"\n{n:,} questions: {mb:,.0f} MB of {kind} ({time.perf_counter() - t:.1f}s to write)")
     timed(["cat", str(inp)])  # warm the page cache for both
     floor = min(timed(["sha256sum", str(inp)]) for _ in range(2))
-    stage = root / f"run{n}" / "generate"
+    stage = root / f"run{n}{inp.suffix}" / "generate"
     shards = min(SHARDS, n)
     plan_s, plan_mb = child(
         PLAN.format(repo=str(REPO), inp=str(inp), shards=shards, stage=str(stage))
@@ -182,7 +197,7 @@ def bench_status(root: Path) -> None:
             S.write_marker(
                 stage,
                 i,
-                {"records": 1, "errors": 0, "bytes": 1, "crc32": 1, "slice": plan.slices[i][5]},
+                {"records": 1, "errors": 0, "bytes": 1, "crc32": 1, "slice": plan.digest(i)},
             )
         elif i % 4 == 1:
             S.write_progress(stage, i, 0)
@@ -265,6 +280,7 @@ def bench_launch() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="100000,1000000,10000000")
+    ap.add_argument("--parquet", default="1000000", help="sizes also timed as Parquet")
     ap.add_argument("--merge-gb", type=float, default=1.0)
     ap.add_argument("--dir", default="/tmp/cothpc-scale-bench")
     args = ap.parse_args()
@@ -284,6 +300,8 @@ def main() -> None:
                 f"{hi * 1000:.0f} ms (goal: the same within noise, here 2x or 50 ms: "
                 f"{verdict(hi <= max(2 * lo, lo + 0.05))})"
             )
+        for n in [int(s) for s in args.parquet.split(",") if s]:
+            bench_size(root, n, bare_mb, parquet=True)
         bench_status(root)
         bench_merge(root, args.merge_gb)
         bench_launch()

@@ -10,14 +10,12 @@ import contextlib
 import ctypes
 import errno
 import functools
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -294,8 +292,9 @@ def parse_line(path: str | Path, lineno: int, raw: bytes) -> dict[str, Any] | No
         raise RecordError(path, lineno, f"invalid JSON: {e}"[:200]) from None
     if not isinstance(obj, dict):
         raise RecordError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
-    for key, value in obj.items():
-        _check_encodable(path, lineno, str(key), value)
+    if b"\\ud" in raw or b"\\uD" in raw:  # a lone surrogate can only come from an escape
+        for key, value in obj.items():
+            _check_encodable(path, lineno, str(key), value)
     return obj
 
 
@@ -385,214 +384,3 @@ def question(path: str | Path, lineno: int, obj: dict[str, Any], text_field: str
                 "answer",
             )
     return rec
-
-
-# --------------------------------------------------------------------------- scale
-# A launch over millions of questions streams the file once (``scan_questions``) and keeps per
-# record only 16 bytes: where its line starts and an 8-byte hash of its id. Each task then reads
-# only its byte range (``read_slice``), checked against the sha256 the launch recorded for it.
-
-_SCAN_BLOCK = 4 << 20
-
-
-def id_hash(rid: str) -> bytes:
-    """The 8 bytes a record id stands for in digests and the duplicate check."""
-    return hashlib.blake2b(rid.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-
-
-def ids_digest(ids: Iterable[str]) -> str:
-    """A digest of ids in order: the same from the launch's scan and from a task's slice."""
-    h = hashlib.sha256()
-    for rid in ids:
-        h.update(id_hash(rid))
-    return h.hexdigest()[:32]
-
-
-@dataclass
-class QuestionIndex:
-    """What one streaming pass over a question file learns (``scan_questions``).
-
-    ``starts[k]`` is the byte offset of selected record k's line, ``first_line`` the line
-    number of selected record 0 and ``end`` the byte just past the last selected record's line.
-    ``id_hashes`` holds 8 bytes per record of the whole file, in file order, until
-    ``check_unique`` sorts them.
-    """
-
-    path: str
-    sha256: str
-    total: int  # valid records in the whole file
-    first: int  # index of the first selected record
-    starts: Any  # array('q'), one offset per selected record
-    first_line: int
-    end: int
-    id_hashes: bytearray
-    has_answer: bool  # some selected record has an ``answer``
-    text_field: str = "question"
-    _sorted: bool = False
-
-    @property
-    def count(self) -> int:
-        """Selected records."""
-        return len(self.starts)
-
-    def ids_digest(self, lo: int, hi: int) -> str:
-        """``ids_digest`` of selected records ``[lo, hi)``, from their id hashes."""
-        if self._sorted:
-            raise RuntimeError("ids_digest after check_unique: the id hashes are sorted")
-        a, b = 8 * (self.first + lo), 8 * (self.first + hi)
-        return hashlib.sha256(memoryview(self.id_hashes)[a:b]).hexdigest()[:32]
-
-    def check_unique(self) -> None:
-        """Refuse duplicate ids (read_questions' error, first duplicate in file order).
-
-        Sorts the id hashes in place (no copy: 8 bytes per record); on a repeat, the real ids
-        of the colliding hashes are read again to tell a duplicate from a hash collision.
-        """
-        import numpy as np
-
-        arr = np.frombuffer(self.id_hashes, dtype="<u8")
-        self._sorted = True
-        if len(arr) < 2:
-            return
-        arr.sort()
-        repeats = arr[1:][arr[1:] == arr[:-1]]
-        if not len(repeats):
-            return
-        suspects = {int(x).to_bytes(8, "little") for x in repeats}
-        seen: dict[str, int] = {}
-        for lineno, obj in iter_jsonl(self.path):
-            rid = question(self.path, lineno, obj, self.text_field)["id"]
-            if id_hash(rid) in suspects:
-                if rid in seen:
-                    raise RecordError(self.path, lineno, _duplicate(rid, seen[rid]), "id")
-                seen[rid] = lineno
-
-
-def scan_questions(
-    path: str | Path,
-    *,
-    text_field: str = "question",
-    start_index: int = 0,
-    num_samples: int | None = None,
-) -> QuestionIndex:
-    """Validate every record of a question file in one streaming pass, as ``read_questions``
-    does (the same errors, with the file, the line and the field), without keeping them.
-
-    Memory is 16 bytes per record (its offset and id hash). Duplicate ids are refused by
-    ``QuestionIndex.check_unique``, to be called once the id digests are taken.
-    """
-    from array import array
-
-    path = Path(path)
-    stop = None if num_samples is None else start_index + num_samples
-    starts, every = array("q"), bytearray()
-    whole = hashlib.sha256()
-    total, end, first_line, has_answer = 0, 0, 0, False
-    try:
-        fh = open(path, "rb")  # noqa: SIM115 - closed below
-    except FileNotFoundError:
-        raise RecordError(path, None, "file not found") from None
-    with fh:
-        offset = 0
-        for lineno, raw in enumerate(fh, start=1):
-            whole.update(raw)
-            obj = parse_line(path, lineno, raw)
-            if obj is not None:
-                rec = question(path, lineno, obj, text_field)
-                every += id_hash(rec["id"])
-                if total >= start_index and (stop is None or total < stop):
-                    if not starts:
-                        first_line = lineno
-                    starts.append(offset)
-                    end = offset + len(raw)
-                    has_answer = has_answer or "answer" in rec
-                total += 1
-            offset += len(raw)
-    if not total:
-        raise RecordError(path, None, "file is empty: no records")
-    if not starts:
-        raise RecordError(path, None, _none_selected(start_index, total))
-    return QuestionIndex(
-        str(path),
-        whole.hexdigest(),
-        total,
-        start_index,
-        starts,
-        first_line,
-        end,
-        every,
-        has_answer,
-        text_field,
-    )
-
-
-def read_slice(
-    path: str | Path,
-    start: int,
-    end: int,
-    first_line: int,
-    *,
-    sha256: str | None = None,
-    text_field: str = "question",
-) -> list[dict[str, Any]]:
-    """The validated records in bytes ``[start, end)`` of a question file, whose first line is
-    line ``first_line``: the same records ``read_questions`` gives for them, ids included.
-
-    With ``sha256``, the bytes must hash to it (the launch's record of this slice); otherwise
-    RecordError names the file: it changed since the launch.
-    """
-    path = Path(path)
-    h = hashlib.sha256()
-    out: list[dict[str, Any]] = []
-    try:
-        fh = open(path, "rb")  # noqa: SIM115 - closed below
-    except FileNotFoundError:
-        raise RecordError(path, None, "file not found") from None
-    with fh:
-        fh.seek(start)
-        left, rest, lineno = end - start, b"", first_line
-        while left > 0:
-            block = fh.read(min(_SCAN_BLOCK, left))
-            if not block:
-                break
-            left -= len(block)
-            h.update(block)
-            parts = (rest + block).split(b"\n")
-            rest = parts.pop()
-            for raw in parts:
-                obj = parse_line(path, lineno, raw + b"\n")
-                if obj is not None:
-                    out.append(question(path, lineno, obj, text_field))
-                lineno += 1
-        if left > 0 or (sha256 is not None and h.hexdigest() != sha256):
-            raise RecordError(
-                path,
-                None,
-                f"the input changed since the launch: bytes {start}-{end} (from line "
-                f"{first_line}) no longer hash to the plan's sha256; relaunch into a new --run-dir",
-            )
-        if rest:
-            obj = parse_line(path, lineno, rest)
-            if obj is not None:
-                out.append(question(path, lineno, obj, text_field))
-    return out
-
-
-def slice_digests(
-    path: str | Path, bounds: list[tuple[int, int]], first_line: int
-) -> list[tuple[str, int]]:
-    """(sha256, first line) of each byte range ``bounds[i]`` of ``path``, in one sequential
-    read; the ranges are contiguous and ``first_line`` is the line ``bounds[0]`` starts on."""
-    out: list[tuple[str, int]] = []
-    line = first_line
-    with open(path, "rb") as fh:
-        for start, end in bounds:
-            fh.seek(start)
-            h, newlines, left = hashlib.sha256(), 0, end - start
-            while left > 0 and (block := fh.read(min(_SCAN_BLOCK, left))):
-                left -= len(block)
-                h.update(block)
-                newlines += block.count(b"\n")
-            out.append((h.hexdigest(), line))
-            line += newlines
-    return out

@@ -179,7 +179,11 @@ class EngineFields:
 class ShardedFields(ClusterFields, ModelFields, EngineFields):
     """A stage that runs a model over an input file as an array of shards (generate, evaluate)."""
 
-    input: str = opt("data/raw_questions.jsonl", "questions (JSONL with `question`)", path=PATH)
+    input: str = opt(
+        "data/raw_questions.jsonl",
+        "questions with a `question` field: a JSONL or Parquet file, or a folder of them",
+        path=PATH,
+    )
     output: str | None = opt(
         None, "merged output (default: RUN_DIR/<stage>/merged.jsonl)", path=PATH
     )

@@ -30,17 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from cot.records import (
+from cot.records import RecordError, atomic_open, atomic_write_text, dumps, fsync_dir
+from cot.sources import (
     QuestionIndex,
-    RecordError,
-    atomic_open,
-    atomic_write_text,
-    dumps,
-    fsync_dir,
     ids_digest,
-    read_slice,
+    piece_digests,
+    read_pieces,
     scan_questions,
-    slice_digests,
+    slice_digest,
 )
 from hpc.errors import PlanError
 from hpc.layout import StageLayout, shard_name
@@ -66,10 +63,12 @@ PLAN_FORMAT = 2
 class Plan:
     """Which records each shard owns; written once per stage folder.
 
-    Its size is O(shards), whatever the record count: per shard, ``slices`` holds
-    ``[start, end, first_line, records, ids_digest, sha256]``: the byte range of the input the
-    shard reads, the line that range starts on, how many records it holds, a digest of their
-    ids in order (``cot.records.ids_digest``) and the sha256 of those bytes.
+    Its size is O(shards), whatever the record count. ``files`` lists the input's files as
+    ``[label, kind, sha256]`` (label "" when the input is one file). Per shard, ``slices`` holds
+    ``[records, ids_digest, pieces]``: how many records it owns, a digest of their ids in order
+    (``cot.sources.ids_digest``) and the pieces of files it reads, ``[file, start, end, first,
+    digest]``: a byte range and the line it starts on (JSONL) or a row range (Parquet), and
+    128 bits of the sha256 of that piece.
     """
 
     input: str
@@ -78,6 +77,7 @@ class Plan:
     shards: int
     samples: int
     selection: dict[str, Any]
+    files: list[list[Any]]
     slices: list[list[Any]]
     format: int = PLAN_FORMAT
 
@@ -86,24 +86,28 @@ class Plan:
         """Each shard's record range ``[lo, hi)`` within the selection."""
         out, lo = [], 0
         for sl in self.slices:
-            out.append((lo, lo + sl[3]))
-            lo += sl[3]
+            out.append((lo, lo + sl[0]))
+            lo += sl[0]
         return out
 
+    def digest(self, shard: int) -> str:
+        """The sha256 of what ``shard`` reads (its marker carries it)."""
+        return slice_digest(self.slices[shard][2])
+
     def records(self, shard: int, path: str | Path | None = None) -> list[dict[str, Any]]:
-        """The input records of ``shard``, read from its byte range only (of ``path``, the
-        planned input by default) and checked against the plan: PlanError naming the file when
-        those bytes changed since the launch."""
-        start, end, first_line, count, ids, sha = self.slices[shard]
-        path = path or self.input
+        """The input records of ``shard``, reading only its pieces of the input (``path``, the
+        planned input by default) and checked against the plan: PlanError naming the file
+        when they changed since the launch."""
+        count, ids, pieces = self.slices[shard]
+        root = path or self.input
         try:
-            recs = read_slice(path, start, end, first_line, sha256=sha)
+            recs = read_pieces(root, self.files, pieces)
         except RecordError as err:
             raise PlanError(f"shard {shard}: {err}") from None
         if len(recs) != count or ids_digest(r["id"] for r in recs) != ids:
             raise PlanError(
-                f"{path}: shard {shard}: bytes {start}-{end} do not hold the "
-                f"{count} planned records; relaunch into a new --run-dir"
+                f"{root}: shard {shard} no longer holds its {count} planned records; "
+                "relaunch into a new --run-dir"
             )
         return recs
 
@@ -150,7 +154,7 @@ def make_plan(
     """Contiguous, balanced ranges: shard i owns records [i*n//N, (i+1)*n//N).
 
     Streams the input once (``scan_questions``; or takes that scan's ``index``), then reads
-    the selected bytes once more to hash each shard's slice. Refuses duplicate ids.
+    the selected records once more to take each shard's digest. Refuses duplicate ids.
     """
     selection = selection or {}
     if index is None:
@@ -165,16 +169,12 @@ def make_plan(
             input_path, None, f"{shards} shards for {n} records: use --shards {n} or fewer"
         )
     ranges = [(i * n // shards, (i + 1) * n // shards) for i in range(shards)]
-    bounds = [(index.starts[lo], index.starts[hi] if hi < n else index.end) for lo, hi in ranges]
+    pieces = [index.pieces(lo, hi) for lo, hi in ranges]
     ids = [index.ids_digest(lo, hi) for lo, hi in ranges]
     index.check_unique()
-    digests = slice_digests(input_path, bounds, index.first_line)
-    slices = [
-        [start, end, line, hi - lo, ids_i, sha]
-        for (start, end), (lo, hi), ids_i, (sha, line) in zip(
-            bounds, ranges, ids, digests, strict=True
-        )
-    ]
+    files = [[f["source"].label, f["source"].kind, f["sha256"]] for f in index.files]
+    first = {i: f["first"] for i, f in enumerate(index.files) if f["first"] is not None}
+    piece_digests(input_path, files, pieces, first)
     return Plan(
         input=str(input_path),
         input_sha256=index.sha256,
@@ -182,7 +182,10 @@ def make_plan(
         shards=shards,
         samples=samples,
         selection=selection,
-        slices=slices,
+        files=files,
+        slices=[
+            [hi - lo, ids_i, pcs] for (lo, hi), ids_i, pcs in zip(ranges, ids, pieces, strict=True)
+        ],
     )
 
 
@@ -362,7 +365,7 @@ def finish_shard(stage_dir: Path, plan: Plan, shard: int, keys: list[Key] | None
             "errors": len(errors.intersection(wanted)),
             "bytes": size,
             "crc32": crc,
-            "slice": plan.slices[shard][5],
+            "slice": plan.digest(shard),
         },
     )
     return len(wanted)
@@ -398,7 +401,7 @@ def _sealed(stage_dir: Path, plan: Plan, shard: int) -> tuple[int, int, int]:
     marker was written for this plan's slice; PlanError otherwise."""
     marker = read_marker(stage_dir, shard)
     size, crc, n = marker.get("bytes"), marker.get("crc32"), marker.get("records")
-    if marker.get("slice") != plan.slices[shard][5] or not (
+    if marker.get("slice") != plan.digest(shard) or not (
         type(size) is int and type(crc) is int and type(n) is int
     ):
         raise PlanError(
@@ -529,7 +532,7 @@ def _merge_shard(stage_dir: Path, plan: Plan, shard: int, writer: _BlockWriter) 
     and checksummed, never parsed. Any byte changed since is caught and the shard named."""
     path = shard_path(stage_dir, shard)
     records, *sealed = _sealed(stage_dir, plan, shard)
-    want = plan.slices[shard][3] * plan.samples
+    want = plan.slices[shard][0] * plan.samples
     if records != want:
         raise PlanError(
             f"{marker_path(stage_dir, shard)}: marks {records} records, the plan has {want}"

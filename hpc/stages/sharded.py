@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cot.records import QuestionIndex, scan_questions
+from cot.sources import QuestionIndex, scan_questions
 from hpc import config as C
 from hpc import runs
 from hpc import shards as S
@@ -375,7 +375,7 @@ class ShardedStage(Stage):
             requeues += max(0, _starts(stage.attempts(i)) - 1)
             if i in done:
                 counts["done"] += 1
-                written += plan.slices[i][3] * plan.samples
+                written += plan.slices[i][0] * plan.samples
                 continue
             written += S.read_progress(stage.dir, i)
             jid = info["shards"].get(i, "")

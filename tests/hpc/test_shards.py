@@ -210,7 +210,7 @@ def test_finish_reorders_drops_duplicates_then_marks(tmp_path: Path) -> None:
         "errors": 0,
         "bytes": len(data),
         "crc32": zlib.crc32(data),
-        "slice": plan.slices[1][5],
+        "slice": plan.digest(1),
     }
     assert S.completed(stage_dir) == {1}
     assert S.incomplete(stage_dir, plan) == [0]
@@ -546,7 +546,7 @@ def test_merge_refuses_a_marker_not_written_for_this_plan(tmp_path: Path, marker
     if marker == "older":
         fields = {"records": 3, "errors": 0}
     else:
-        fields["slice"] = plan.slices[0][5]
+        fields["slice"] = plan.digest(0)
     path.write_text(json.dumps(fields))
     for keep in (None, lambda recs: [True] * len(recs)):
         with pytest.raises(S.PlanError, match=r"completions/00001: this marker was not written"):

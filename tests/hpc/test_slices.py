@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
 
 import pytest
 
-from cot import records as R
+from cot import sources as R
 from cot.records import RecordError, read_questions
 from hpc import shards as S
 
@@ -28,7 +29,7 @@ def _odd_file(path: Path, n: int = 23) -> Path:
     return path
 
 
-@pytest.mark.parametrize("block", [R._SCAN_BLOCK, 7])
+@pytest.mark.parametrize("block", [R._BLOCK, 7])
 @pytest.mark.parametrize(
     "selection", [{}, {"start_index": 5}, {"start_index": 3, "num_samples": 11}]
 )
@@ -36,7 +37,7 @@ def test_slices_give_exactly_the_records_of_reading_the_whole_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int, selection: dict[str, int]
 ) -> None:
     path = _odd_file(tmp_path / "q.jsonl")
-    monkeypatch.setattr(R, "_SCAN_BLOCK", block)  # 7 bytes: block edges inside characters
+    monkeypatch.setattr(R, "_BLOCK", block)  # 7 bytes: block edges inside characters
     whole = read_questions(path, **selection)  # type: ignore[arg-type]
     for shards in (1, 2, 5, len(whole)):
         plan = S.make_plan(path, shards, selection=selection)
@@ -44,8 +45,10 @@ def test_slices_give_exactly_the_records_of_reading_the_whole_file(
         assert got == whole, shards
         assert plan.num_records == len(whole)
         assert plan.input_sha256 == S.sha256_file(path)
-        starts = [sl[0] for sl in plan.slices]
-        assert starts == sorted(starts) and plan.slices[-1][1] <= path.stat().st_size
+        pieces = [p for sl in plan.slices for p in sl[2]]
+        assert [p[0] for p in pieces] == [0] * shards  # one file: one piece per shard
+        assert all(a[2] == b[1] for a, b in itertools.pairwise(pieces))  # contiguous
+        assert pieces[-1][2] <= path.stat().st_size
 
 
 def test_plan_size_grows_with_shards_not_records(tmp_path: Path) -> None:
@@ -66,7 +69,7 @@ def test_a_changed_slice_is_refused_and_the_other_shards_still_read(tmp_path: Pa
     plan = S.make_plan(path, 3)
     before = [plan.records(i) for i in range(3)]
     data = path.read_bytes()
-    start = plan.slices[1][0]
+    start = plan.slices[1][2][0][1]
     path.write_bytes(data[:start] + data[start:].replace(b"3?", b"4?", 1))  # same length
     with pytest.raises(S.PlanError, match=r"shard 1: .*q\.jsonl.*changed since the launch"):
         plan.records(1)
@@ -140,7 +143,7 @@ def test_finish_leaves_a_shard_already_in_order_untouched(tmp_path: Path) -> Non
     assert S.finish_shard(stage_dir, plan, 0) == 6
     assert os.stat(shard).st_ino == inode  # not rewritten
     marker = S.read_marker(stage_dir, 0)
-    assert marker["bytes"] == shard.stat().st_size and marker["slice"] == plan.slices[0][5]
+    assert marker["bytes"] == shard.stat().st_size and marker["slice"] == plan.digest(0)
 
 
 def test_the_merge_names_the_shard_with_one_flipped_byte(tmp_path: Path) -> None:
@@ -167,3 +170,116 @@ def test_the_merge_names_the_shard_with_one_flipped_byte(tmp_path: Path) -> None
     with pytest.raises(S.PlanError, match=r"00001\.jsonl: changed after it was marked complete"):
         S.write_merged(stage_dir, plan, [])
     assert (stage_dir / "merged.jsonl").read_bytes() == good
+
+
+# --------------------------------------------------------------------------- Parquet, folders
+
+
+def _parquet(path: Path, rows: list[dict[str, object]], group: int = 4) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=group)
+    return path
+
+
+def _rows(n: int, ids: bool = True) -> list[dict[str, object]]:
+    return [
+        {
+            "id": (f"p{i}" if i % 3 else None) if ids else None,
+            "question": f"parquet question {i} é?",
+            "answer": str(i),
+            "category": None if i % 2 else "word",
+        }
+        for i in range(n)
+    ]
+
+
+def test_parquet_slices_read_only_their_row_groups_and_match_the_whole_file(
+    tmp_path: Path,
+) -> None:
+    path = _parquet(tmp_path / "q.parquet", _rows(19))
+    # Nulls count as absent; a row with no id is named by file and row (from 1).
+    want = [
+        {k: v for k, v in r.items() if v is not None} | {"id": r["id"] or f"q.parquet:{i + 1}"}
+        for i, r in enumerate(_rows(19))
+    ]
+    for shards in (1, 3, 7, 19):
+        plan = S.make_plan(path, shards)
+        assert plan.files == [["", "parquet", S.sha256_file(path)]]
+        assert [r for i in range(shards) for r in plan.records(i)] == want, shards
+    plan = S.make_plan(path, 2, selection={"start_index": 5, "num_samples": 9})
+    assert [r for i in range(2) for r in plan.records(i)] == want[5:14]
+
+
+def test_parquet_refuses_bad_rows_by_row_and_field(tmp_path: Path) -> None:
+    rows = _rows(6)
+    rows[4]["question"] = None  # a null question is a missing one
+    path = _parquet(tmp_path / "q.parquet", rows)
+    with pytest.raises(RecordError, match=r"q\.parquet:5: field 'question': missing"):
+        S.make_plan(path, 2)
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(RecordError, match=r"bad\.parquet: not a readable Parquet file"):
+        S.make_plan(tmp_path / "bad.parquet", 1)
+
+
+def _folder(root: Path) -> list[dict[str, object]]:
+    """a.jsonl (ids), b/c.parquet (some ids), d.jsonl (no ids, blank lines); a hidden file."""
+    (root / "b").mkdir(parents=True)
+    a = [{"id": f"a{i}", "question": f"a {i}?"} for i in range(5)]
+    (root / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in a))
+    _parquet(root / "b" / "c.parquet", _rows(7))
+    (root / "d.jsonl").write_text('{"question": "d 1?"}\n\n{"question": "d 2?"}\n')
+    (root / ".hidden.jsonl").write_text('{"question": "never read"}\n')
+    c = [
+        {k: v for k, v in r.items() if v is not None} | {"id": r["id"] or f"b/c.parquet:{i + 1}"}
+        for i, r in enumerate(_rows(7))
+    ]
+    d = [{"question": "d 1?", "id": "d.jsonl:L1"}, {"question": "d 2?", "id": "d.jsonl:L3"}]
+    return [*a, *c, *d]
+
+
+def test_a_folder_is_planned_across_its_files_without_concatenating_them(tmp_path: Path) -> None:
+    want = _folder(tmp_path / "in")
+    for shards in (1, 2, 4, len(want)):
+        plan = S.make_plan(tmp_path / "in", shards)
+        assert [f[:2] for f in plan.files] == [
+            ["a.jsonl", "jsonl"],
+            ["b/c.parquet", "parquet"],
+            ["d.jsonl", "jsonl"],
+        ]
+        assert [r for i in range(shards) for r in plan.records(i)] == want, shards
+    plan = S.make_plan(tmp_path / "in", 2)
+    assert [len(sl[2]) for sl in plan.slices] == [2, 2]  # each shard spans two files
+    again = S.make_plan(tmp_path / "in", 2)
+    assert again.to_json() == plan.to_json()  # stable: ids and digests the same on relaunch
+
+
+def test_a_changed_file_in_a_folder_stops_only_the_shards_that_read_it(tmp_path: Path) -> None:
+    _folder(tmp_path / "in")
+    plan = S.make_plan(tmp_path / "in", 4)
+    readers = [i for i, sl in enumerate(plan.slices) if any(p[0] == 2 for p in sl[2])]
+    assert readers == [3]
+    d = tmp_path / "in" / "d.jsonl"
+    d.write_text(d.read_text().replace("d 2?", "d 9?"))
+    with pytest.raises(S.PlanError, match=r"shard 3: .*d\.jsonl.*changed since the launch"):
+        plan.records(3)
+    for i in range(3):
+        plan.records(i)
+    assert S.make_plan(tmp_path / "in", 4).input_sha256 != plan.input_sha256
+
+
+def test_a_duplicate_id_across_files_names_both(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "a.jsonl").write_text('{"id": "x", "question": "?"}\n')
+    (root / "b.jsonl").write_text('{"id": "y", "question": "?"}\n{"id": "x", "question": "?"}\n')
+    with pytest.raises(
+        RecordError, match=r"b\.jsonl:2: field 'id': duplicate id 'x' \(first on .*a\.jsonl:1\)"
+    ):
+        S.make_plan(root, 1)
+    (root / "a.jsonl").unlink()
+    (root / "b.jsonl").unlink()
+    with pytest.raises(RecordError, match=r"in: folder holds no \.jsonl or \.parquet file"):
+        S.make_plan(root, 1)
