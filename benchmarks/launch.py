@@ -74,7 +74,9 @@ def main() -> None:
     t = time.perf_counter()
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     launch_s = time.perf_counter() - t
-    launch = json.loads((tmp / "run" / "launch.json").read_text()) if out.returncode == 0 else {}
+    # Cancel whatever was recorded, failed launch or not: nothing of this benchmark may run on.
+    record = tmp / "run" / "launch.json"
+    launch = json.loads(record.read_text()) if record.exists() else {}
     sub = launch.get("stages", {}).get("generate", {}).get("submissions", [{}])[-1]
     ids = [*sub.get("arrays", []), sub.get("merge", "")]
     subprocess.run(["scancel", *[i for i in ids if i]], check=False)

@@ -38,6 +38,7 @@ __all__ = [
 
 _BLOCK = 4 << 20
 _ROWS = 65_536  # Parquet rows converted to Python at a time
+_TASK_ROWS = 4_096  # Parquet rows a task decodes at a time
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
@@ -154,21 +155,38 @@ def _parquet_rows(
     path: Path, lo: int = 0, hi: int | None = None, groups: _Groups | None = None
 ) -> Iterator[dict[str, Any]]:
     """Rows ``[lo, hi)`` of a Parquet file (nulls dropped), reading only the row groups that
-    hold them."""
-    groups = groups or _Groups()
-    meta = groups.file(path).metadata
+    hold them. With ``groups`` (a launch hashing every slice in order) each group is decoded
+    once and kept; without (a task) a group is streamed in batches of ``_TASK_ROWS``, so a
+    task's memory is a batch, not a group."""
+    pf = groups.file(path) if groups else _parquet_file(path)
+    meta = pf.metadata
     hi = meta.num_rows if hi is None else hi
     first = 0
     for g in range(meta.num_row_groups):
         n = meta.row_group(g).num_rows
         if first + n > lo and first < hi:
             a, b = max(lo, first) - first, min(hi, first + n) - first
-            table = groups.group(path, g).slice(a, b - a)
-            for batch in table.to_batches(max_chunksize=_ROWS):
+            if groups is not None:
+                batches = groups.group(path, g).slice(a, b - a).to_batches(max_chunksize=_ROWS)
+            else:
+                batches = _batches_of(pf, g, a, b)
+            for batch in batches:
                 yield from map(_row, batch.to_pylist())
         first += n
         if first >= hi:
             break
+
+
+def _batches_of(pf: Any, group: int, a: int, b: int) -> Iterator[Any]:
+    """Rows ``[a, b)`` of one row group, streamed (the rows before ``a`` are decoded, not kept)."""
+    at = 0
+    for batch in pf.iter_batches(batch_size=_TASK_ROWS, row_groups=[group]):
+        lo, hi = max(a, at), min(b, at + batch.num_rows)
+        if lo < hi:
+            yield batch.slice(lo - at, hi - lo)
+        at += batch.num_rows
+        if at >= b:
+            return
 
 
 def _canonical(rec: dict[str, Any]) -> bytes:

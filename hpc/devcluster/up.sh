@@ -179,6 +179,7 @@ MailProg=/bin/true
 MpiDefault=none
 CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 MaxArraySize=$MAX_ARRAY_SIZE
+MaxJobCount=100000
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort=$DBD_PORT

@@ -196,10 +196,12 @@ def _rows(n: int, ids: bool = True) -> list[dict[str, object]]:
     ]
 
 
+@pytest.mark.parametrize("batch", [R._TASK_ROWS, 3])
 def test_parquet_slices_read_only_their_row_groups_and_match_the_whole_file(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch: int
 ) -> None:
-    path = _parquet(tmp_path / "q.parquet", _rows(19))
+    monkeypatch.setattr(R, "_TASK_ROWS", batch)  # 3: a task streams a group in 3-row batches
+    path = _parquet(tmp_path / "q.parquet", _rows(19), group=7)
     # Nulls count as absent; a row with no id is named by file and row (from 1).
     want = [
         {k: v for k, v in r.items() if v is not None} | {"id": r["id"] or f"q.parquet:{i + 1}"}
