@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ __all__ = [
 ]
 
 _BLOCK = 4 << 20
+SMALL = 100_000  # inputs up to this many records check their ids with a set
 _ROWS = 65_536  # Parquet rows converted to Python at a time
 _TASK_ROWS = 4_096  # Parquet rows a task decodes at a time
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -243,20 +245,33 @@ class QuestionIndex:
     def check_unique(self) -> None:
         """Refuse duplicate ids with read_questions' error (the first repeat in input order).
 
-        Sorts the id hashes in place (no copy: 8 bytes per record); on a repeat, the ids of the
-        colliding hashes are read again to tell a duplicate from a hash collision.
+        Up to ``SMALL`` records, a set of the hashes (numpy's import alone would cost a small
+        launch 90 ms); above, numpy sorts them in place (no copy: 8 bytes per record). On a
+        repeat, the ids of the colliding hashes are read again to tell a duplicate from a hash
+        collision.
         """
-        import numpy as np
-
-        arr = np.frombuffer(self.id_hashes, dtype="<u8")
         self._sorted = True
-        if len(arr) < 2:
+        n = len(self.id_hashes) // 8
+        if n < 2:
             return
-        arr.sort()
-        repeats = arr[1:][arr[1:] == arr[:-1]]
-        if not len(repeats):
-            return
-        suspects = {int(x).to_bytes(8, "little") for x in repeats}
+        if n <= SMALL:
+            hashes = array("Q")
+            hashes.frombytes(bytes(self.id_hashes))
+            if len(set(hashes)) == n:
+                return
+            counts: dict[int, int] = {}
+            for x in hashes:
+                counts[x] = counts.get(x, 0) + 1
+            repeats: Any = [x for x, c in counts.items() if c > 1]
+        else:
+            import numpy as np
+
+            arr = np.frombuffer(self.id_hashes, dtype="<u8")
+            arr.sort()
+            repeats = arr[1:][arr[1:] == arr[:-1]]
+            if not len(repeats):
+                return
+        suspects = {int(x).to_bytes(8, sys.byteorder if n <= SMALL else "little") for x in repeats}
         seen: dict[str, str] = {}
         for f in self.files:
             src: Source = f["source"]

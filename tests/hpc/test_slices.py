@@ -81,7 +81,11 @@ def test_a_changed_slice_is_refused_and_the_other_shards_still_read(tmp_path: Pa
     assert plan.records(0) == before[0]
 
 
-def test_the_launch_scan_refuses_what_read_questions_refuses(tmp_path: Path) -> None:
+@pytest.mark.parametrize("small", [100_000, 2])
+def test_the_launch_scan_refuses_what_read_questions_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small: int
+) -> None:
+    monkeypatch.setattr(R, "SMALL", small)
     path = tmp_path / "q.jsonl"
     path.write_text(
         '{"id": "a", "question": "x"}\n\n{"id": "b", "question": "y"}\n'
@@ -98,11 +102,14 @@ def test_the_launch_scan_refuses_what_read_questions_refuses(tmp_path: Path) -> 
         S.make_plan(path, 1)
 
 
+@pytest.mark.parametrize("small", [R.SMALL, 2])
 def test_an_id_hash_collision_is_not_a_duplicate(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small: int
 ) -> None:
-    """Every id hashing alike: the second pass tells real duplicates from collisions."""
-    monkeypatch.setattr(R, "id_hash", lambda rid: b"\0" * 8)
+    """Every id hashing alike: the second pass tells real duplicates from collisions (with the
+    set of small inputs, and with numpy's sort of large ones)."""
+    monkeypatch.setattr(R, "SMALL", small)
+    monkeypatch.setattr(R, "id_hash", lambda rid: b"\1" * 8)
     path = tmp_path / "q.jsonl"
     path.write_text("".join(json.dumps({"id": f"r{i}", "question": "?"}) + "\n" for i in range(5)))
     assert S.make_plan(path, 2).num_records == 5
