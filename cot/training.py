@@ -736,19 +736,15 @@ def training_arguments(
     optim: str,
     deepspeed: dict[str, Any] | None,
     cuda: bool,
+    precision: str,
 ) -> Any:
     """HF TrainingArguments from the stage config (transformers 5 names).
 
-    Mixed precision is :func:`cot.models.resolve_precision` of ``cfg.precision``, the choice
-    the loader makes for the weights.
+    ``precision`` is the one :func:`cot.models.pick_precision` made for ``cfg.precision``
+    (``run_training`` decides once; the weights are loaded in the same dtype).
     """
     from transformers import TrainingArguments
 
-    from cot import models
-
-    precision = models.resolve_precision(
-        cfg.precision, cuda=cuda, bf16_ok=cuda and models.bf16_supported()
-    )
     return TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=float(cfg.epochs),
@@ -1002,6 +998,7 @@ def run_training(
         optim=optim,
         deepspeed=load_deepspeed_config(cfg.deepspeed),
         cuda=cuda,
+        precision=precision,
     )
     _ = args.device  # brings the process group up now, before the ranks must agree on anything
     resume = _choose_resume(cfg.resume_from_checkpoint, ckpt_root)

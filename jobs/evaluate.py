@@ -32,10 +32,15 @@ def student_record(rec: dict[str, Any], sample: int, completion: Any) -> dict[st
     gold, reduced = gold_of(rec) or (None, False)
     out = record_head(rec, sample)
     if completion.error is not None:
+        correct = False if gold is not None else None
         out.update(
-            generated=None, pred=None, gold=gold, correct=False if gold is not None else None
+            generated=None,
+            pred=None,
+            gold=gold,
+            correct=correct,
+            gold_reduced=reduced,
+            error=completion.error,
         )
-        out.update(gold_reduced=reduced, error=completion.error)
         return out
     text = completion.text.lstrip()
     pred = extract_final_answer(text)

@@ -138,18 +138,14 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     if reason is not None:
         pytest.skip(reason)  # only where this is not root or has no slurm (not Debian/apt)
     cluster = SlurmCluster(state_dir=Path(os.environ.get("COT_HPC_SLURM_STATE", DEFAULT_STATE_DIR)))
-    saved = {k: os.environ.get(k) for k in cluster.env}
+    from cot.training import scoped_environ
+
     cluster.up()
     # up.sh resolves symlinks; use the same path so SLURM_CONF matches the jobs'.
     cluster.state_dir = cluster.state_dir.resolve()
-    os.environ.update(cluster.env)
     try:
-        yield cluster
+        with scoped_environ(cluster.env):
+            yield cluster
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         if os.environ.get("COT_HPC_KEEP_SLURM") != "1":
             cluster.down()

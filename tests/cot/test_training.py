@@ -322,13 +322,17 @@ def test_trainer_mixed_precision_follows_the_loader_choice(
     want: str,
 ) -> None:
     _gpu(monkeypatch, bf16=bf16)
+    from cot.models import pick_precision
+
     over = {} if precision == "auto" else {"precision": precision}
+    chosen, _ = pick_precision(precision, cuda=cuda)  # what run_training decides, once
     args = T.training_arguments(
         _cfg(tmp_path / "d.jsonl", **over),
         output_dir=tmp_path,
         optim="adamw_torch",
         deepspeed=None,
         cuda=cuda,
+        precision=chosen,
     )
     ran = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     assert ran == want
