@@ -294,7 +294,9 @@ def parse_line(path: str | Path, lineno: int, raw: bytes) -> dict[str, Any] | No
         raise RecordError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
     if b"\\ud" in raw or b"\\uD" in raw:  # a lone surrogate can only come from an escape
         for key, value in obj.items():
-            _check_encodable(path, lineno, str(key), value)
+            name = str(key).encode("utf-8", "backslashreplace").decode()  # printable, always
+            _check_encodable(path, lineno, name, key)
+            _check_encodable(path, lineno, name, value)
     return obj
 
 

@@ -101,6 +101,11 @@ def list_sources(input_path: str | Path) -> list[Source]:
         )
         if not files:
             raise RecordError(root, None, "folder holds no .jsonl or .parquet file")
+        for p in files:
+            try:
+                p.relative_to(root).as_posix().encode("utf-8")
+            except UnicodeEncodeError:
+                raise RecordError(p, None, "file name is not valid UTF-8; rename it") from None
         return [Source(p, p.relative_to(root).as_posix(), _kind(p)) for p in files]
     if not root.exists():
         raise RecordError(root, None, "file not found")
@@ -327,7 +332,9 @@ def scan_questions(
     num_samples: int | None = None,
 ) -> QuestionIndex:
     """Validate every record of an input (a JSONL or Parquet file, or a folder of them) in one
-    streaming pass, as ``read_questions`` does, without keeping the records.
+    streaming pass, with ``read_questions``' checks and messages, without keeping the records.
+    (Where a file has a duplicate id and a later bad line, the bad line is reported first: the
+    duplicate check runs once the whole input is read.)
 
     Memory is 16 bytes per record. Duplicate ids are refused by
     :meth:`QuestionIndex.check_unique`, to be called once the id digests are taken.
@@ -365,7 +372,10 @@ def scan_questions(
         raise RecordError(input_path, None, "file is empty: no records")
     if not starts:
         raise RecordError(
-            input_path, None, f"--start-index {start_index} selects no records (input has {total})"
+            input_path,
+            None,
+            f"--start-index {start_index} selects no records "
+            f"({'file' if len(index.files) == 1 else 'input'} has {total})",
         )
     return index
 
@@ -443,25 +453,43 @@ def read_pieces(
 ) -> list[dict[str, Any]]:
     """The validated records of a slice's pieces: the same records, ids included, that reading
     the whole input gives for them. With ``check``, each piece must hash to the sha256 the
-    launch recorded for it; otherwise RecordError names its file: it changed since then."""
+    launch recorded for it; otherwise RecordError names its file: it changed since then. A
+    record that fails validation is reported as such only if its piece still hashes as at the
+    launch; in a changed piece the change is what is reported."""
     out: list[dict[str, Any]] = []
     for piece in pieces:
         label, kind, _ = files[piece[0]]
         src = source_of(input_path, label, kind)
         h = hashlib.sha256()
         if kind == "parquet":
-            got = 0
-            for n, rec in enumerate(_parquet_rows(src.path, piece[1], piece[2]), piece[1] + 1):
-                h.update(_canonical(rec))
-                out.append(_question(src, n, rec, text_field))
-                got += 1
-            if got != piece[2] - piece[1]:
+            bad, got = _read_parquet_piece(src, piece, h, text_field, out)
+            if bad is None and got != piece[2] - piece[1]:
                 raise _changed(src, piece)  # the file lost rows
         else:
-            out += _read_jsonl_piece(src, piece, h, text_field)
+            bad = _read_jsonl_piece(src, piece, h, text_field, out)
         if check and h.hexdigest()[:32] != piece[4]:
             raise _changed(src, piece)
+        if bad is not None:
+            raise bad
     return out
+
+
+def _read_parquet_piece(
+    src: Source, piece: list[Any], h: Any, text_field: str, out: list[dict[str, Any]]
+) -> tuple[RecordError | None, int]:
+    """Append the piece's validated rows to ``out``, hashing every row; returns the first
+    validation error (the rest is still hashed) and how many rows there were."""
+    bad: RecordError | None = None
+    got = 0
+    for n, rec in enumerate(_parquet_rows(src.path, piece[1], piece[2]), piece[1] + 1):
+        h.update(_canonical(rec))
+        got += 1
+        if bad is None:
+            try:
+                out.append(_question(src, n, rec, text_field))
+            except RecordError as err:
+                bad = err
+    return bad, got
 
 
 def _changed(src: Source, piece: list[Any]) -> RecordError:
@@ -479,10 +507,23 @@ def _changed(src: Source, piece: list[Any]) -> RecordError:
 
 
 def _read_jsonl_piece(
-    src: Source, piece: list[Any], h: Any, text_field: str
-) -> list[dict[str, Any]]:
+    src: Source, piece: list[Any], h: Any, text_field: str, out: list[dict[str, Any]]
+) -> RecordError | None:
+    """Append the piece's validated records to ``out``, hashing every byte; returns the first
+    validation error (the rest of the piece is still hashed)."""
     start, end, first_line = piece[1], piece[2], piece[3]
-    out: list[dict[str, Any]] = []
+    bad: RecordError | None = None
+
+    def take(lineno: int, raw: bytes) -> None:
+        nonlocal bad
+        if bad is None:
+            try:
+                obj = parse_line(src.path, lineno, raw)
+                if obj is not None:
+                    out.append(_question(src, lineno, obj, text_field))
+            except RecordError as err:
+                bad = err
+
     try:
         fh = open(src.path, "rb")  # noqa: SIM115 - closed below
     except FileNotFoundError:
@@ -499,12 +540,8 @@ def _read_jsonl_piece(
             parts = (rest + block).split(b"\n")
             rest = parts.pop()
             for raw in parts:
-                obj = parse_line(src.path, lineno, raw + b"\n")
-                if obj is not None:
-                    out.append(_question(src, lineno, obj, text_field))
+                take(lineno, raw + b"\n")
                 lineno += 1
         if rest:
-            obj = parse_line(src.path, lineno, rest)
-            if obj is not None:
-                out.append(_question(src, lineno, obj, text_field))
-    return out
+            take(lineno, rest)
+    return bad

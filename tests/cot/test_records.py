@@ -113,6 +113,7 @@ def test_atomic_open_fsyncs_the_file_before_the_rename_and_the_folder_after(
         ('{"id": "\\ud800", "question": "q"}', "field 'id': contains a lone surrogate (\\ud800"),
         ('{"question": "why \\udfff"}', ":1: field 'question': contains a lone surrogate"),
         ('{"question": "q", "meta": {"x": ["\\ud834"]}}', ":1: field 'meta': contains a lone"),
+        ('{"question": "q", "\\ud800": 1}', ":1: field '\\ud800': contains a lone surrogate"),
         ('{"question": "q", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", ":1: invalid JSON"),
         ('{"id": ' + "7" * 5000 + ', "question": "q"}', ":1: invalid JSON"),
         ('{"question": "q", "answer": "' + "7" * 4301 + '"}', ":1: field 'answer': has more than"),

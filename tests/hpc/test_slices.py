@@ -292,3 +292,36 @@ def test_a_duplicate_id_across_files_names_both(tmp_path: Path) -> None:
     (root / "b.jsonl").unlink()
     with pytest.raises(RecordError, match=r"in: folder holds no \.jsonl or \.parquet file"):
         S.make_plan(root, 1)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_a_changed_slice_that_no_longer_validates_is_reported_as_changed(
+    tmp_path: Path, kind: str
+) -> None:
+    """An edit that also breaks a record says the input changed (relaunch), not "fix line N"."""
+    rows = [{"id": f"r{i}", "question": f"{i}?"} for i in range(6)]
+    if kind == "jsonl":
+        path = tmp_path / "q.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        path = _parquet(tmp_path / "q.parquet", rows)  # type: ignore[arg-type]
+    plan = S.make_plan(path, 2)
+    if kind == "jsonl":
+        path.write_text(path.read_text().replace('"4?"', "4444"))  # question becomes a number
+    else:
+        rows[4]["question"] = None  # type: ignore[assignment]
+        _parquet(path, rows)  # type: ignore[arg-type]
+    with pytest.raises(S.PlanError, match=r"shard 1: .*q\.\w+: the input changed since the launch"):
+        plan.records(1)
+    assert [r["id"] for r in plan.records(0)] == ["r0", "r1", "r2"]
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_by_name(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "a.jsonl").write_text('{"question": "?"}\n')
+    bad = os.fsencode(root) + b"/\xff.jsonl"
+    with open(bad, "w") as fh:
+        fh.write('{"question": "?"}\n')
+    with pytest.raises(RecordError, match=r"file name is not valid UTF-8"):
+        S.make_plan(root, 1)
