@@ -138,7 +138,10 @@ def _place(tmp: Path, dest: Path, attempts: int = 100) -> None:
             os.replace(tmp, dest)
         except OSError as err:
             if err.errno not in _TAKEN:
-                os.replace(old, dest)  # put the old one back
+                # Put the old one back; should another writer have landed meanwhile, the old
+                # folder stays beside it (never deleted) and this error is the one raised.
+                with contextlib.suppress(OSError):
+                    os.replace(old, dest)
                 raise
             # another writer's whole folder landed in the gap; ours goes on to replace it
         shutil.rmtree(old, ignore_errors=True)

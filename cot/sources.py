@@ -135,8 +135,14 @@ _JSON_TYPES = (str, int, float, bool, list, dict)
 
 def _row(obj: dict[str, Any]) -> dict[str, Any]:
     """A Parquet row as a record: nulls dropped, values JSON cannot hold (dates, decimals,
-    bytes) given as text."""
-    return {k: v if isinstance(v, _JSON_TYPES) else str(v) for k, v in obj.items() if v is not None}
+    bytes), at any depth of a list or struct column, given as text."""
+    return {k: _jsonable(v) for k, v in obj.items() if v is not None}
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (list, dict)):
+        return json.loads(json.dumps(v, default=str))
+    return v if isinstance(v, _JSON_TYPES) else str(v)
 
 
 class _Groups:

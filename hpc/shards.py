@@ -104,6 +104,10 @@ class Plan:
             recs = read_pieces(root, self.files, pieces)
         except RecordError as err:
             raise PlanError(f"shard {shard}: {err}") from None
+        except OSError as err:  # a file replaced by a folder, unreadable, gone mid-read
+            raise PlanError(
+                f"shard {shard}: {root}: cannot read the planned input ({err})"
+            ) from None
         if len(recs) != count or ids_digest(r["id"] for r in recs) != ids:
             raise PlanError(
                 f"{root}: shard {shard} no longer holds its {count} planned records; "

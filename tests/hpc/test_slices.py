@@ -325,3 +325,15 @@ def test_a_file_name_that_is_not_utf8_is_refused_by_name(tmp_path: Path) -> None
         fh.write('{"question": "?"}\n')
     with pytest.raises(RecordError, match=r"file name is not valid UTF-8"):
         S.make_plan(root, 1)
+
+
+def test_parquet_values_json_cannot_hold_become_text_at_any_depth(tmp_path: Path) -> None:
+    import datetime
+
+    from cot.records import dumps
+
+    day = datetime.date(2026, 12, 6)
+    path = _parquet(tmp_path / "q.parquet", [{"question": "?", "when": day, "log": [day]}])
+    (rec,) = S.make_plan(path, 1).records(0)
+    assert rec["when"] == "2026-12-06" and rec["log"] == ["2026-12-06"]
+    assert json.loads(dumps(rec)) == rec  # a shard task can write it
