@@ -230,31 +230,16 @@ def bench_status(root: Path) -> None:
 
 
 def bench_merge(root: Path, gb: float) -> None:
-    from benchmarks.merge import CHILD, make_synthetic
+    from benchmarks.merge import make_synthetic, race_cat
 
     stage = root / "merge" / "generate"
     n = make_synthetic(stage, gb, 100)
-    files = sorted((stage / "shards").glob("*.jsonl"))
-    size = sum(f.stat().st_size for f in files)
-    subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
-    best: dict[str, float] = {}
-    rss = 0.0
-    for _ in range(3):  # alternate; the best of three for each
-        t = time.perf_counter()
-        with open(root / "cat.out", "wb") as out:
-            subprocess.run(["cat", *map(str, files)], stdout=out, check=True)
-            out.flush()
-            os.fsync(out.fileno())
-        best["cat"] = min(best.get("cat", 1e9), time.perf_counter() - t)
-        (root / "cat.out").unlink()
-        dt, total, kb = child(CHILD.format(repo=str(REPO), stage=str(stage)))
-        assert int(total) == n, (total, n)
-        best["merge"] = min(best.get("merge", 1e9), dt)
-        rss = max(rss, kb / 1024)
+    best = race_cat(root, stage, n, rounds=3)
+    mb, rss = best["bytes"] / 1e6, best["rss_mb"]
     ratio = best["cat"] / best["merge"]
     print(
-        f"\nmerge of {size / 1e6:,.0f} MB in 100 shards, every byte checked against its marker, "
-        f"fsync'd: {size / 1e6 / best['merge']:,.0f} MB/s vs cat {size / 1e6 / best['cat']:,.0f} "
+        f"\nmerge of {mb:,.0f} MB in 100 shards, every byte checked against its marker, "
+        f"fsync'd: {mb / best['merge']:,.0f} MB/s vs cat {mb / best['cat']:,.0f} "
         f"MB/s = {ratio:.2f}x cat (goal >= 0.6x: {verdict(ratio >= 0.6)}); peak RSS "
         f"{rss:.0f} MB (goal < 300 MB: {verdict(rss < 300)})"
     )

@@ -343,7 +343,7 @@ def read_questions(
         rec = question(path, lineno, obj, text_field)
         rid = rec["id"]
         if rid in seen:
-            raise RecordError(path, lineno, _duplicate(rid, seen[rid]), "id")
+            raise RecordError(path, lineno, duplicate_id(rid, f"line {seen[rid]}"), "id")
         seen[rid] = lineno
         records.append(rec)
     if not records:
@@ -351,16 +351,18 @@ def read_questions(
     end = None if num_samples is None else start_index + num_samples
     selected = records[start_index:end]
     if not selected:
-        raise RecordError(path, None, _none_selected(start_index, len(records)))
+        raise RecordError(path, None, none_selected(start_index, len(records)))
     return selected
 
 
-def _duplicate(rid: str, first: int) -> str:
-    return f"duplicate id {rid!r} (first on line {first})"
+def duplicate_id(rid: str, first: str) -> str:
+    """The message for a repeated id; ``first`` says where it first was (``line 3``)."""
+    return f"duplicate id {rid!r} (first on {first})"
 
 
-def _none_selected(start_index: int, n: int) -> str:
-    return f"--start-index {start_index} selects no records (file has {n})"
+def none_selected(start_index: int, n: int, what: str = "file") -> str:
+    """The message for a selection that holds no record of the ``n`` in the file (or input)."""
+    return f"--start-index {start_index} selects no records ({what} has {n})"
 
 
 def question(path: str | Path, lineno: int, obj: dict[str, Any], text_field: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cot.records import RecordError, iter_jsonl, parse_line, question
+from cot.records import RecordError, duplicate_id, iter_jsonl, none_selected, parse_line, question
 
 __all__ = [
     "QuestionIndex",
@@ -291,8 +291,7 @@ class QuestionIndex:
                 rid = rec["id"]
                 if id_hash(rid) in suspects:
                     if rid in seen:
-                        what = f"duplicate id {rid!r} (first on {seen[rid]})"
-                        raise RecordError(src.path, n, what, "id")
+                        raise RecordError(src.path, n, duplicate_id(rid, seen[rid]), "id")
                     seen[rid] = f"{unit} {n}" if len(self.files) == 1 else f"{src.path}:{n}"
 
     def pieces(self, lo: int, hi: int) -> list[list[Any]]:
@@ -380,8 +379,7 @@ def scan_questions(
         raise RecordError(
             input_path,
             None,
-            f"--start-index {start_index} selects no records "
-            f"({'file' if len(index.files) == 1 else 'input'} has {total})",
+            none_selected(start_index, total, "file" if len(index.files) == 1 else "input"),
         )
     return index
 
@@ -410,9 +408,8 @@ def piece_digests(
     files: list[list[Any]],
     slices: list[list[list[Any]]],
     first_lines: dict[int, int],
-) -> list[str]:
-    """Give each piece its digest (128 bits of sha256; and each JSONL piece its first line);
-    returns each slice's digest (``slice_digest`` of its pieces).
+) -> None:
+    """Give each piece its digest (128 bits of sha256; and each JSONL piece its first line).
 
     A JSONL piece hashes its bytes (and counts its newlines, so the next piece of that file
     knows its first line); a Parquet piece hashes its rows' canonical JSON. Pieces come in file
@@ -441,7 +438,6 @@ def piece_digests(
                         newlines += block.count(b"\n")
                 line[piece[0]] = piece[3] + newlines
             piece.append(h.hexdigest()[:32])
-    return [slice_digest(pieces) for pieces in slices]
 
 
 def slice_digest(pieces: list[list[Any]]) -> str:
@@ -454,12 +450,11 @@ def read_pieces(
     files: list[list[Any]],
     pieces: list[list[Any]],
     *,
-    check: bool = True,
     text_field: str = "question",
 ) -> list[dict[str, Any]]:
     """The validated records of a slice's pieces: the same records, ids included, that reading
-    the whole input gives for them. With ``check``, each piece must hash to the sha256 the
-    launch recorded for it; otherwise RecordError names its file: it changed since then. A
+    the whole input gives for them. Each piece must hash to the sha256 the launch recorded for
+    it; otherwise RecordError names its file: it changed since then. A
     record that fails validation is reported as such only if its piece still hashes as at the
     launch; in a changed piece the change is what is reported."""
     out: list[dict[str, Any]] = []
@@ -473,7 +468,7 @@ def read_pieces(
                 raise _changed(src, piece)  # the file lost rows
         else:
             bad = _read_jsonl_piece(src, piece, h, text_field, out)
-        if check and h.hexdigest()[:32] != piece[4]:
+        if h.hexdigest()[:32] != piece[4]:
             raise _changed(src, piece)
         if bad is not None:
             raise bad

@@ -19,7 +19,6 @@ Protocol (shared by ``generate`` and ``evaluate``):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -37,23 +36,15 @@ from cot.sources import (
     piece_digests,
     read_pieces,
     scan_questions,
+    sha256_file,
     slice_digest,
 )
 from hpc.errors import PlanError
 from hpc.layout import StageLayout, shard_name
 
-__all__ = ["PlanError", "shard_name"]
+__all__ = ["PlanError", "sha256_file", "shard_name"]
 
 Key = tuple[str, int]  # (record id, sample index)
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 PLAN_FORMAT = 2

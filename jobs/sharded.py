@@ -132,11 +132,10 @@ ToRecord = Callable[[dict[str, Any], int, Completion], dict[str, Any]]
 
 @dataclass(frozen=True)
 class ShardWork:
-    """What one shard task generates: its input and selection, seed, engine and record maker."""
+    """What one shard task generates: its input (the plan holds its selection), seed, engine
+    and record maker."""
 
     input_path: str
-    start_index: int
-    num_samples: int | None
     seed: int
     open_engine: OpenEngine
     to_record: ToRecord
@@ -277,7 +276,7 @@ def run_configured_shard(
 ) -> dict[str, Any]:
     """:func:`run_shard` for a stage config: its run folder, input, selection and seed."""
     logs.setup()  # a job is a fresh process: the same plain-line log as the CLI
-    work = ShardWork(cfg.input, cfg.start_index, cfg.num_samples, cfg.seed, open_engine, to_record)
+    work = ShardWork(cfg.input, cfg.seed, open_engine, to_record)
     out = run_shard(RunLayout(Path(cfg.run_dir)).stage(stage).dir, shard, work)
     ignore_late_signals()  # the marker is written: a USR2 now must not fail a finished task
     return out
