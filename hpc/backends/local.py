@@ -10,7 +10,7 @@ changed. A multi-node shape runs all its processes on this one "node".
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from hpc.backends.base import (
@@ -31,6 +31,17 @@ from hpc.errors import StageFailed
 from hpc.layout import RunLayout
 
 LOCAL_POLL_S = 1.0
+# The first poll comes after this, each next one after twice the last, up to LOCAL_POLL_S: a
+# call that ends in a second is seen within ~50 ms, a long one costs one check a second.
+LOCAL_FIRST_POLL_S = 0.05
+
+
+def poll_delays() -> Iterator[float]:
+    """Seconds to sleep between local polls: 0.05, 0.1, 0.2, ... then LOCAL_POLL_S for good."""
+    delay = LOCAL_FIRST_POLL_S
+    while True:
+        yield delay
+        delay = min(LOCAL_POLL_S, delay * 2)
 
 
 class LocalHandle(Handle):
@@ -84,13 +95,13 @@ class LocalHandle(Handle):
         return out
 
     def wait(self, on_poll: Callable[[], None] | None = None) -> None:
-        while True:
+        for delay in poll_delays():
             self._fill()
             if on_poll:
                 on_poll()
             if not self._pending and self._running() == 0:
                 return
-            time.sleep(LOCAL_POLL_S)
+            time.sleep(delay)
 
     def results(self) -> list[Any]:
         self.wait()

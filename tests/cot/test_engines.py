@@ -75,7 +75,8 @@ def fake() -> Iterator[tuple[str, Script]]:
             self.wfile.write(out.encode())
 
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    # shutdown() waits for serve_forever's next poll: 0.5 s by default, for every test.
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     t.start()
     yield f"http://127.0.0.1:{srv.server_address[1]}", script
     srv.shutdown()

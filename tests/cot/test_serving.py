@@ -282,21 +282,21 @@ def test_no_health_endpoint_falls_back_to_models(fake: Fake) -> None:
 
 
 def test_health_503_is_unhealthy_even_if_models_answers(fake: Fake) -> None:
-    server, _ = fake.server("health503", timeout_s=1.0)
+    server, _ = fake.server("health503", timeout_s=0.5)
     with pytest.raises(ServerError, match="HTTP 503"), server:
         pass
 
 
 def test_never_healthy_times_out_and_kills_the_group(fake: Fake) -> None:
-    server, pidfile = fake.server("never", timeout_s=2.0)
+    server, pidfile = fake.server("never", timeout_s=0.8)
     t0 = time.monotonic()
     with pytest.raises(ServerError) as err, server:
         pytest.fail("the block must not run")
     took = time.monotonic() - t0
     msg = str(err.value)
-    assert took < 2.0 + 5.0, f"took {took:.1f}s"
-    assert took >= 2.0
-    assert "not healthy after 2s" in msg
+    assert took < 0.8 + 5.0, f"took {took:.1f}s"
+    assert took >= 0.8
+    assert "not healthy after 0.8s" in msg
     assert str(server.log_path) in msg
     assert server.command in msg and str(fake.script) in msg
     assert "fake-server starting" in msg  # the log's last lines
@@ -410,9 +410,9 @@ def test_wait_healthy_url_against_a_closed_port() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     t0 = time.monotonic()
     with pytest.raises(ServerError) as err:
-        wait_healthy_url(url, timeout_s=1)
-    assert time.monotonic() - t0 < 1 + 3
-    assert f"server at {url} not reachable/healthy after 1s" in str(err.value)
+        wait_healthy_url(url, timeout_s=0.3)
+    assert time.monotonic() - t0 < 0.3 + 3
+    assert f"server at {url} not reachable/healthy after 0.3s" in str(err.value)
     with pytest.raises(ServerError, match="v1/models"):
         served_models(url, timeout_s=1)
     with pytest.raises(InputError):

@@ -51,6 +51,13 @@ def _rank(rank: int, port: int, out: str) -> None:
 def test_only_one_rank_signalled_both_stop_and_save_at_the_same_step(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    # Imported once here, where other tests need them too; the forked ranks inherit them.
+    from transformers import TrainerCallback  # noqa: F401
+
+    # fork: the ranks start from this process with torch and transformers already imported
+    # (spawn would import them again in each rank).
+    mp.start_processes(
+        _rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork"
+    )
     got: list[Any] = [(tmp_path / f"rank{r}").read_text() for r in (0, 1)]
     assert got == ["3 True", "3 True"]

@@ -181,12 +181,13 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(
+def plain_env(
     slurm_cluster: Any,
     tiny_models: Path,
     dataset_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Env]:
+    """The cluster as it is (the refusal tests submit nothing, so they need no reconfigure)."""
     root = tmp_path_factory.mktemp("gen")
     questions = first_lines(
         dataset_dir / "raw_questions.jsonl", N_QUESTIONS, root / f"q{N_QUESTIONS}.jsonl"
@@ -194,20 +195,27 @@ def env(
     folder = root / "bin"
     slurm_cluster.counting_sbatch(folder)
     e = Env(slurm_cluster, root, questions, tiny_models / "teacher", folder)
+    try:
+        yield e
+    finally:
+        for proc in e.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        e.cancel_jobs()
+
+
+@pytest.fixture(scope="module")
+def env(plain_env: Env, slurm_cluster: Any) -> Iterator[Env]:
+    """:func:`plain_env` with MaxArraySize lowered, so that a few shards need several arrays."""
     with slurm_cluster.max_array_size_set(MAX_ARRAY_SIZE):
-        try:
-            yield e
-        finally:
-            for proc in e.procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.communicate()
-            e.cancel_jobs()
+        yield plain_env
 
 
 @pytest.fixture()
-def cleanup(env: Env) -> Iterator[Env]:
+def cleanup(plain_env: Env) -> Iterator[Env]:
     """Per test: cancel whatever this test left queued or running."""
+    env = plain_env
     yield env
     for proc in env.procs:
         if proc.poll() is None:
@@ -660,7 +668,8 @@ BAD_INPUTS: dict[str, tuple[str, int, str]] = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_refused_before_anything_is_submitted(env: Env, cleanup: Env, case: str) -> None:
+def test_bad_input_refused_before_anything_is_submitted(cleanup: Env, case: str) -> None:
+    env = cleanup
     content, shards, message = BAD_INPUTS[case]
     bad = env.root / f"bad {case}.jsonl"
     bad.write_text(content)

@@ -10,9 +10,9 @@ from hpc.launch import main
 def _generate(run: Path, questions: Path, teacher: Path, shards: int, batch: int) -> bytes:
     argv = [
         "generate", "--cluster", "local", "--run-dir", str(run), "--input", str(questions),
-        "--num-samples", "8", "--teacher", str(teacher), "--shards", str(shards),
+        "--num-samples", "5", "--teacher", str(teacher), "--shards", str(shards),
         "--batch-size", str(batch), "--samples-per-question", "4", "--temperature", "0.7",
-        "--max-new-tokens", "48", "--quant", "none", "--seed", "3",
+        "--max-new-tokens", "32", "--quant", "none", "--seed", "3",
     ]  # fmt: skip
     assert main(argv) == 0
     return (run / "generate" / "merged.jsonl").read_bytes()
@@ -25,5 +25,5 @@ def test_four_samples_are_the_same_bytes_in_any_batching_and_sharding(
     teacher = tiny_models / "teacher"
     one = _generate(tmp_path / "a", small_questions, teacher, shards=1, batch=16)
     other = _generate(tmp_path / "b", small_questions, teacher, shards=2, batch=3)
-    assert one.count(b"\n") == 32
+    assert one.count(b"\n") == 20
     assert one == other
