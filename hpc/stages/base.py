@@ -116,6 +116,6 @@ class Stage(abc.ABC):
             "jobs": sorted(set(info["shards"].values())),
             "state": state,
             "job": jid,
-            "log": str(layout.job_log(str(jid))),
+            "log": str(layout.job_log(str(jid))) if jid else None,  # no job, no log
             "failed": int(state in FAILED_STATES),
         }

@@ -1065,7 +1065,7 @@ def test_a_one_job_stage_status_row(tmp_path: Path) -> None:
     }
     row = ReportStage.status(layout, "report", {**info, "job": None}, {})
     assert (row["state"], row["job"], row["failed"]) == ("-", None, 0)
-    assert row["log"] == str(layout.logs / "None_0_log.err")
+    assert row["log"] is None  # no job, no log (was ".../logs/None_0_log.err")
     layout.results.mkdir(parents=True)
     layout.report_json.write_text("{}")
     row = ReportStage.status(layout, "report", info, {"77": "FAILED"})
