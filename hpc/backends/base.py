@@ -150,7 +150,8 @@ class Handle(abc.ABC):
         return []
 
     def state(self) -> str:
-        """One state for the whole submission: FAILED beats active beats COMPLETED."""
+        """One state for the whole submission: FAILED beats active beats any state the scheduler
+        could not name (UNKNOWN) beats COMPLETED, which needs every call COMPLETED."""
         values = set(self.states().values())
         if not values:
             return "COMPLETED"
@@ -158,7 +159,8 @@ class Handle(abc.ABC):
             return s
         for s in sorted(values & ACTIVE_STATES):
             return s
-        return "COMPLETED" if values == {"COMPLETED"} else sorted(values)[0]
+        unsettled = sorted(values - {"COMPLETED"})
+        return unsettled[0] if unsettled else "COMPLETED"
 
 
 class DoneHandle(Handle):
