@@ -140,7 +140,7 @@ def queued(ids: Sequence[str]) -> set[str]:
     if out.returncode != 0 and "Invalid job id" not in out.stderr:
         raise SchedulerError(f"squeue does not answer: {out.stderr.strip()}")
     listed = {one for line in out.stdout.split() for one in expand(line.strip())}
-    return {i for i in ids if i in listed or (i.split("_")[0] in listed and "_" not in i)}
+    return {i for i in ids if i in listed}
 
 
 def live_jobs(ids: Sequence[str]) -> set[str]:
@@ -205,7 +205,7 @@ class SlurmHandle(Handle):
         if not self._states:
             self.refresh()
         pairs = zip(self.labels, self._ids, strict=True)
-        return {label: self._states.get(i, "UNKNOWN") for label, i in pairs}
+        return {label: self._states[i] for label, i in pairs}  # refresh() names every id
 
     def wait(self, on_poll: Callable[[], None] | None = None) -> None:
         while True:
@@ -231,7 +231,7 @@ class SlurmHandle(Handle):
         return [
             Failure(label, i, s, self.layout.job_log(i), f"job {i} {s}")
             for label, i in zip(self.labels, self._ids, strict=True)
-            if (s := self._states.get(i, "")) in FAILED_STATES
+            if (s := self._states[i]) in FAILED_STATES
         ]
 
 
