@@ -113,23 +113,26 @@ def test_appender_fsyncs_only_what_is_new_and_close_stops_its_thread(
     path = tmp_path / "shard.jsonl"
     before = set(threading.enumerate())
     out = DurableAppender(path, interval_s=60)  # the test calls sync itself
-    started = [t for t in threading.enumerate() if t not in before]
-    assert started and all(t.daemon for t in started)
-    out.sync()
-    assert synced == []  # nothing written: nothing to sync
-    out.write([{"id": "1"}])
-    out.sync()
-    out.sync()
-    assert synced == [str(path)]
-    assert out.write([]) == 0
-    out.sync()
-    assert synced == [str(path)]
-    with out:
-        out.write([{"id": "2"}])
-    assert synced == [str(path)] * 2
-    out.close()
-    out.sync()
-    assert synced == [str(path)] * 2
+    try:
+        started = [t for t in threading.enumerate() if t not in before]
+        assert started and all(t.daemon for t in started)
+        out.sync()
+        assert synced == []  # nothing written: nothing to sync
+        out.write([{"id": "1"}])
+        out.sync()
+        out.sync()
+        assert synced == [str(path)]
+        assert out.write([]) == 0
+        out.sync()
+        assert synced == [str(path)]
+        with out:
+            out.write([{"id": "2"}])
+        assert synced == [str(path)] * 2
+        out.close()
+        out.sync()
+        assert synced == [str(path)] * 2
+    finally:  # a failed check must not leave the thread waiting out its 60 s
+        out.close()
     assert not any(t.is_alive() for t in started)
     assert path.read_text() == '{"id": "1"}\n{"id": "2"}\n'
 
