@@ -353,11 +353,12 @@ def checkpoints_to_delete(root: str | Path, keep: int) -> list[Path]:
 
 
 def rotate_checkpoints(root: str | Path, keep: int) -> list[Path]:
-    """Delete what :func:`checkpoints_to_delete` names; returns the deleted folders."""
-    gone = checkpoints_to_delete(root, keep)
-    for c in gone:
+    """Delete what :func:`checkpoints_to_delete` names; returns the folders really gone (one that
+    cannot be removed, a symlink or a busy NFS file, stays and is not reported)."""
+    doomed = checkpoints_to_delete(root, keep)
+    for c in doomed:
         shutil.rmtree(c, ignore_errors=True)
-    return gone
+    return [c for c in doomed if not os.path.lexists(c)]
 
 
 def torn_after(root: str | Path, step: int) -> list[Path]:
