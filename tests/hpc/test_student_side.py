@@ -85,6 +85,9 @@ def test_evaluation_records_reduce_worked_golds_and_leave_missing_gold_unscored(
     assert student_record(base, 0, _Done("", error="x"))["correct"] is None
 
 
+# Two evaluations as local jobs (~13 s): in the full suite. The fast suite scores K samples
+# in-process (tests/cot/test_evaluation.py: pass@k, majority, agreement).
+@pytest.mark.slow
 def test_evaluate_with_k_samples_end_to_end_scores_pass_at_k_majority_and_the_teacher(
     tmp_path: Path, tiny_models: Path, small_questions: Path
 ) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from hpc.launch import main
 
 
@@ -18,6 +20,10 @@ def _generate(run: Path, questions: Path, teacher: Path, shards: int, batch: int
     return (run / "generate" / "merged.jsonl").read_bytes()
 
 
+# Two whole local runs (two submitit processes each, ~13 s): in the full suite. The fast suite
+# holds the same promise in-process: tests/cot/test_generation.py::
+# test_a_sampled_record_is_the_same_in_any_batch.
+@pytest.mark.slow
 def test_four_samples_are_the_same_bytes_in_any_batching_and_sharding(
     tmp_path: Path, tiny_models: Path, small_questions: Path
 ) -> None:
