@@ -7,8 +7,8 @@ Runs ``mutmut run`` over :data:`PROMISES` (or the globs given; pyproject.toml's
 many single-point mutants the fast tests kill, and the score
 ``killed / (killed + survived + no tests + timeout)``. Every mutant in scope is run afresh, so
 the score is that of the tests as they are now. Survivors are listed with ``mutmut show
-NAME``-able names. Not part of CI: it runs the fast suite's covering tests once per mutant (about
-half an hour on 2 cores for the whole scope; minutes for one module).
+NAME``-able names. Not part of CI: it runs the fast suite's covering tests once per mutant (well
+over an hour on 2 cores for the whole scope; minutes for one module).
 """
 
 from __future__ import annotations

@@ -84,7 +84,6 @@ def test_append_durable_one_line_per_record(tmp_path: Path) -> None:
 def test_atomic_open_fsyncs_the_file_before_the_rename_and_the_folder_after(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import os
     import stat
 
     from cot import records
@@ -200,14 +199,9 @@ def test_atomic_dir_replaces_a_folder_whole_and_fsyncs_it_first(
     dest = tmp_path / "adapter"
     dest.mkdir()
     (dest / "old.bin").write_text("old")
-    synced: list[str] = []
-    real_fsync = os.fsync
+    from tests.cot.test_records_durability import _record_fsyncs
 
-    def fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(records.os, "fsync", fsync)
+    synced = _record_fsyncs(monkeypatch)
     with records.atomic_dir(dest) as tmp:
         assert tmp.parent == tmp_path and tmp != dest and not list(tmp.iterdir())
         (tmp / "sub").mkdir()

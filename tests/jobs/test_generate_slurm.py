@@ -151,6 +151,14 @@ class Env:
         self.procs.append(proc)
         return proc
 
+    def stop(self) -> None:
+        """Kill the launchers still running, then cancel the jobs of every run started so far."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        self.cancel_jobs()
+
     def cancel_jobs(self) -> None:
         """scancel every job of the runs started so far (by launch.json and by job name)."""
         ids: set[str] = set()
@@ -198,11 +206,7 @@ def plain_env(
     try:
         yield e
     finally:
-        for proc in e.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-        e.cancel_jobs()
+        e.stop()
 
 
 @pytest.fixture(scope="module")
@@ -215,13 +219,8 @@ def env(plain_env: Env, slurm_cluster: Any) -> Iterator[Env]:
 @pytest.fixture()
 def cleanup(plain_env: Env) -> Iterator[Env]:
     """Per test: cancel whatever this test left queued or running."""
-    env = plain_env
-    yield env
-    for proc in env.procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    env.cancel_jobs()
+    yield plain_env
+    plain_env.stop()
 
 
 @pytest.fixture(scope="module")

@@ -26,15 +26,12 @@ from typing import Any
 import pytest
 
 from cot.engines import Completion, Engine, Request, never
-from hpc import config as C
 from hpc import shards as S
-from hpc.layout import RunLayout
-from hpc.runs import make_run_dir
 from jobs import sharded as J
 from jobs.sharded import ShardWork, Terminated, record_head, request_seed, run_shard, task_info
 from tests.jobs.light_worker import LightShard, LightStage
+from tests.jobs.test_shard_task import N, _planned
 
-N = 10
 SLURM_ENV = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT")
 
 
@@ -102,26 +99,6 @@ def logged(
     monkeypatch.setattr(logging.getLogger("jobs"), "propagate", True)
     caplog.set_level(logging.INFO, logger="jobs.sharded")
     return caplog
-
-
-def _planned(tmp_path: Path, seed: int = 0) -> LightStage:
-    inp = tmp_path / "q.jsonl"
-    inp.write_text(
-        "".join(json.dumps({"id": f"q{i}", "question": f"question {i}"}) + "\n" for i in range(N))
-    )
-    cfg = C.GenerateConfig(
-        run_dir=str(tmp_path / "run"),
-        input=str(inp),
-        shards=1,
-        batch_size=2,
-        cluster="local",
-        seed=seed,
-    )
-    stage = LightStage(cfg, LightShard())
-    stage.validate(set())
-    make_run_dir(RunLayout(Path(stage.cfg.run_dir)).root)
-    stage.plan()
-    return stage
 
 
 def _line(i: int) -> str:

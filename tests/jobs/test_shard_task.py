@@ -30,13 +30,18 @@ class CountingShard(LightShard):
         self.sleep_s = 0.0
 
 
-def _planned(tmp_path: Path, shards: int = 1) -> LightStage:
+def _planned(tmp_path: Path, shards: int = 1, seed: int = 0) -> LightStage:
     inp = tmp_path / "q.jsonl"
     inp.write_text(
         "".join(json.dumps({"id": f"q{i}", "question": f"question {i}"}) + "\n" for i in range(N))
     )
     cfg = C.GenerateConfig(
-        run_dir=str(tmp_path / "run"), input=str(inp), shards=shards, batch_size=2, cluster="local"
+        run_dir=str(tmp_path / "run"),
+        input=str(inp),
+        shards=shards,
+        batch_size=2,
+        cluster="local",
+        seed=seed,
     )
     stage = LightStage(cfg, LightShard())
     stage.validate(set())
