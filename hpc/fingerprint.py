@@ -101,13 +101,21 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     a, b = flatten(old), flatten(new)
     out = []
     for key in sorted(set(a) | set(b)):
-        if a.get(key, "(none)") != b.get(key, "(none)"):
-            out.append(f"{key}: {_short(a.get(key, '(none)'))} -> {_short(b.get(key, '(none)'))}")
+        if (key in a) != (key in b) or a.get(key) != b.get(key):
+            out.append(f"{key}: {_shown(a, key)} -> {_shown(b, key)}")
     return out
 
 
+def _shown(fields: Mapping[str, Any], key: str) -> str:
+    return _short(fields[key]) if key in fields else _MISSING
+
+
+_MISSING = "(none)"
+
+
 def _short(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else value
+    # a string is shown bare, unless it could be read as a missing field's placeholder
+    text = value if isinstance(value, str) and value != _MISSING else json.dumps(value)
     if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
         return f"sha256 {text[:12]}"
     return text if len(text) <= 120 else text[:117] + "..."

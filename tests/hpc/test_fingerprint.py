@@ -152,3 +152,19 @@ def test_differences_name_nested_fields() -> None:
         "d: null -> (none)",
         "e: (none) -> 1",
     ]
+
+
+def test_a_field_set_to_the_text_none_differs_from_a_missing_one() -> None:
+    # "(none)" is how a missing field is printed, not a value a field can be mistaken for
+    base = {"seed": 1}
+    set_ = {"seed": 1, "note": "(none)"}
+    assert fingerprint.differences(base, set_) == ['note: (none) -> "(none)"']
+    assert fingerprint.differences(set_, base) == ['note: "(none)" -> (none)']
+    assert fingerprint.differences(set_, set_) == []
+
+
+def test_only_a_sha256_is_shortened_in_a_difference() -> None:
+    digest, other = "0123456789abcdef" * 4, "0123456789abcdeX" * 4  # 64 characters each
+    assert fingerprint.differences({"w": digest}, {"w": other}) == [
+        f"w: sha256 0123456789ab -> {other}"
+    ]
