@@ -52,6 +52,7 @@ PROMISES = [
             "checkpoints_to_delete",
             "rotate_checkpoints",
             "torn_after",
+            "superseded_after",
             "_choose_resume",
             "any_rank",
         )

@@ -26,6 +26,7 @@ import random
 import re
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -367,6 +368,20 @@ def torn_after(root: str | Path, step: int) -> list[Path]:
         c
         for c in list_checkpoints(root)
         if (checkpoint_step(c) or 0) > step and not checkpoint_complete(c)
+    ]
+
+
+def superseded_after(root: str | Path, step: int) -> list[Path]:
+    """Complete checkpoints newer than ``step``, the resume point asked for by name.
+
+    Training again from ``step`` saves its own ``checkpoint-N`` for these N: left in place, one
+    would be written into while its old marker still vouched for it (a crash in between leaves
+    a mix that reads complete), and a later resume could pick it. They are moved aside, kept.
+    """
+    return [
+        c
+        for c in list_checkpoints(root)
+        if (checkpoint_step(c) or 0) > step and checkpoint_complete(c)
     ]
 
 
@@ -928,29 +943,50 @@ def save_adapter_atomically(model: Any, tokenizer: Any, dest: Path) -> Path:
     return dest
 
 
-def _choose_resume(explicit: str | None, root: Path) -> str | None:
+def _choose_resume(explicit: str | None, root: Path, attempt: int = 0) -> str | None:
     """Rank 0 picks the checkpoint (explicit, else the newest complete one) and tells the rest.
 
-    Deciding once and broadcasting keeps the ranks in agreement even if a folder's state were
-    to look different from two nodes of a shared filesystem.
+    ``explicit`` (``--resume-from-checkpoint``) is where a launch starts: its first attempt
+    resumes from it and moves the complete checkpoints newer than it aside (kept, never
+    deleted). A later attempt of the same launch (a requeue, a restart) resumes from what this
+    line of training saved since, the newest complete checkpoint past ``explicit``'s step, and
+    from ``explicit`` only while there is none. Deciding once and broadcasting keeps the ranks
+    in agreement even if a folder's state were to look different from two nodes of a shared
+    filesystem.
     """
     choice: str | None = None
     dist = _dist()
     rank = dist.get_rank() if dist is not None else 0
     if rank == 0:
+        # a first attempt with an explicit start never looks at (nor warns about) the others
+        latest = latest_complete_checkpoint(root) if attempt > 0 or not explicit else None
         if explicit:
             if not Path(explicit).is_dir():
                 raise InputError(f"--resume-from-checkpoint {explicit}: no such folder")
-            if not checkpoint_complete(explicit):
-                log.warning("%s has no completion marker; resuming from it as asked", explicit)
-            choice = str(Path(explicit).resolve())
+            start = checkpoint_step(Path(explicit)) or 0
+            if latest is not None and (checkpoint_step(latest) or 0) > start:
+                log.info(
+                    f"attempt {attempt}: resuming from {latest.name}, saved since this launch "
+                    f"started from {explicit}"
+                )
+                choice = str(latest)
+            else:
+                if not checkpoint_complete(explicit):
+                    log.warning("%s has no completion marker; resuming from it as asked", explicit)
+                choice = str(Path(explicit).resolve())
         else:
-            latest = latest_complete_checkpoint(root)
             choice = str(latest) if latest else None
         step = checkpoint_step(Path(choice)) if choice else 0
         for torn in torn_after(root, step or 0):
             log.info(f"removing torn checkpoint {torn.name} (no complete marker)")
             shutil.rmtree(torn, ignore_errors=True)
+        for newer in superseded_after(root, step or 0):
+            aside = Path(tempfile.mkdtemp(prefix=f"{newer.name}.superseded-", dir=root))
+            os.replace(newer, aside / newer.name)
+            log.info(
+                f"moved {newer.name} aside to {aside} (newer than the resume point; another "
+                "line of training)"
+            )
     if dist is not None:
         box = [choice]
         dist.broadcast_object_list(box, src=0)
@@ -959,9 +995,11 @@ def _choose_resume(explicit: str | None, root: Path) -> str | None:
 
 
 def run_training(
-    cfg: TrainHParams, *, out_dir: Path, stop_requested: Callable[[], bool]
+    cfg: TrainHParams, *, out_dir: Path, stop_requested: Callable[[], bool], attempt: int = 0
 ) -> TrainResult:
     """One attempt of a training run on this rank: resume, train, and (rank 0) save outputs.
+
+    ``attempt`` counts the restarts of this launch (0 first): see :func:`_choose_resume`.
 
     The process group comes up inside TrainingArguments, from the RANK/WORLD_SIZE/MASTER_*
     variables the caller exported. Returns with ``preempted=True`` after the collective save
@@ -1002,7 +1040,7 @@ def run_training(
         precision=precision,
     )
     _ = args.device  # brings the process group up now, before the ranks must agree on anything
-    resume = _choose_resume(cfg.resume_from_checkpoint, ckpt_root)
+    resume = _choose_resume(cfg.resume_from_checkpoint, ckpt_root, attempt)
     if rank == 0:
         what = f"resuming from {resume}" if resume else "starting from scratch"
         log.info(f"{what} (setup {time.time() - t0:.1f}s)")

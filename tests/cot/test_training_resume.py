@@ -224,6 +224,59 @@ def test_explicit_resume_is_resolved_and_a_markerless_one_kept_with_a_warning(
 
 
 @pytest.mark.usefixtures("single")
+def test_explicit_resume_from_an_older_step_moves_the_newer_complete_ones_aside(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Training again from step 5 saves its own step 10: the old complete checkpoint-10 must not
+    be there to be written into (its old marker would vouch for a half-written mix) nor be
+    chosen by a later resume, and it is another line of training, so it is kept, not deleted."""
+    root = tmp_path / "ckpts"
+    c5, c10, c15 = _ckpt(root, 5), _ckpt(root, 10), _ckpt(root, 15)
+    old10 = (c10 / "adapter_model.safetensors").read_bytes()
+    assert T._choose_resume(str(c5), root) == str(c5)
+    assert _steps(root) == [5] and not c10.exists() and not c15.exists()
+    aside = sorted(p for p in root.iterdir() if p.name != "checkpoint-5")
+    assert [p.name.split(".")[0] for p in aside] == ["checkpoint-10", "checkpoint-15"]
+    assert all(".superseded-" in p.name for p in aside)
+    assert (aside[0] / "checkpoint-10" / "adapter_model.safetensors").read_bytes() == old10
+    assert T.checkpoint_complete(aside[1] / "checkpoint-15")
+    assert capsys.readouterr().out == "".join(
+        f"moved checkpoint-{n} aside to {p} (newer than the resume point; another line of "
+        "training)\n"
+        for n, p in zip((10, 15), aside, strict=True)
+    )
+    # the newest complete one, resumed automatically or by name, moves nothing
+    assert T._choose_resume(None, root) == str(c5)
+    assert T._choose_resume(str(c5), root) == str(c5)
+    assert sorted(root.iterdir()) == sorted([c5, *aside])
+
+
+@pytest.mark.usefixtures("single")
+def test_a_requeued_attempt_keeps_the_progress_made_since_the_explicit_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A launch with ``--resume-from-checkpoint`` is requeued with the same flag: its later
+    attempts resume from what they saved since, not from the start again (which would move
+    that progress aside and redo it)."""
+    root, other = tmp_path / "ckpts", tmp_path / "other"
+    c5 = _ckpt(root, 5)
+    _ckpt(root, 20)
+    assert T._choose_resume(str(c5), root, attempt=0) == str(c5)  # 20 moved aside
+    assert T._choose_resume(str(c5), root, attempt=1) == str(c5)  # preempted before a save
+    c8 = _ckpt(root, 8)
+    capsys.readouterr()
+    assert T._choose_resume(str(c5), root, attempt=2) == str(c8)
+    assert _steps(root) == [5, 8]
+    assert capsys.readouterr().out == (
+        f"attempt 2: resuming from checkpoint-8, saved since this launch started from {c5}\n"
+    )
+    # A start from another run's checkpoint-100: this root's older checkpoint-8 is not progress.
+    c100 = _ckpt(other, 100)
+    assert T._choose_resume(str(c100), root, attempt=1) == str(c100)
+    assert _steps(root) == [5, 8]
+
+
+@pytest.mark.usefixtures("single")
 def test_explicit_resume_from_a_missing_folder_is_refused_by_name(tmp_path: Path) -> None:
     missing = str(tmp_path / "checkpoint-7")
     with pytest.raises(InputError) as err:
