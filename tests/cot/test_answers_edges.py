@@ -42,3 +42,16 @@ def test_ratios_compare_exactly_however_large() -> None:
     """Exact, as numbers are: two ratios that one float cannot tell apart still differ."""
     assert not answers_match("12345678901234567891:2", "12345678901234567893:2")
     assert answers_match("24691357802469135782:4", "12345678901234567891:2")
+
+
+@pytest.mark.parametrize(
+    ("predicted", "gold"),
+    [
+        (r"$12.5\%$", "12.5%"),  # LaTeX's escaped percent sign is a percent sign
+        (r"about half (50\%)", "About half (50%)"),  # in a text answer too
+        ("Paris .", "Paris"),  # a final period, and the space before it, change no answer
+    ],
+)
+def test_formatting_around_an_answer_never_changes_it(predicted: str, gold: str) -> None:
+    assert answers_match(predicted, gold)
+    assert answers_match(gold, predicted)

@@ -135,6 +135,26 @@ def _steps(root: Path) -> list[int | None]:
     return [T.checkpoint_step(p) for p in T.list_checkpoints(root)]
 
 
+def test_the_marker_lists_the_step_and_each_file_with_its_size_one_per_line(
+    tmp_path: Path,
+) -> None:
+    """What a user reading COMPLETE sees (cat, grep): one field per line, extra info kept."""
+    c = _ckpt(tmp_path, 7, complete=False)
+    (c / "optimizer.pt").write_bytes(b"o" * 3)
+    marker = T.write_checkpoint_marker(c, 7, global_step=7)
+    assert marker == c / "COMPLETE"
+    assert marker.read_text(encoding="utf-8").splitlines() == [
+        "{",
+        ' "step": 7,',
+        ' "files": {',
+        '  "adapter_model.safetensors": 17,',
+        '  "optimizer.pt": 3',
+        " },",
+        ' "global_step": 7',
+        "}",
+    ]
+
+
 def test_a_marker_that_lists_no_files_is_not_complete(tmp_path: Path) -> None:
     c = _ckpt(tmp_path, 1)
     assert T.checkpoint_complete(c)

@@ -80,7 +80,8 @@ class FakeBackend(Backend):
     """Records what it is asked; job ids count up from 100, arrays of at most ``array_size``.
 
     ``alive``: the ids ``live`` reports; ``state_seq``: what successive ``states`` calls answer
-    (the last one repeats), each after ``on_states`` (if any) ran with the call's number.
+    (the last one repeats), each after ``on_states`` (if any) ran with the call's number. A
+    wait that polls more than ``max_polls`` times fails the test instead of hanging it.
     """
 
     def __init__(self, layout: RunLayout, *, array_size: int = 1000) -> None:
@@ -95,6 +96,7 @@ class FakeBackend(Backend):
         self.alive: set[str] = set()
         self.state_seq: list[dict[str, str] | None] = [{}]
         self.on_states: Callable[[int], None] | None = None
+        self.max_polls = 50
         self.inline_result: dict[str, Any] | None = None
         self.refuse: list[Failure] | None = None
 
@@ -133,6 +135,8 @@ class FakeBackend(Backend):
 
     def states(self, job_ids: Sequence[str]) -> dict[str, str] | None:
         self.asked_states.append(list(job_ids))
+        if len(self.asked_states) > self.max_polls:
+            raise AssertionError(f"states polled {self.max_polls} times: the wait never ends")
         if self.on_states:
             self.on_states(len(self.asked_states))
         answer = self.state_seq.pop(0) if len(self.state_seq) > 1 else self.state_seq[0]
