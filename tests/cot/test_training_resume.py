@@ -282,18 +282,35 @@ def test_a_requeued_attempt_keeps_the_progress_made_since_the_explicit_start(
     c5 = _ckpt(root, 5)
     _ckpt(root, 20)
     assert T._choose_resume(str(c5), root, attempt=0) == str(c5)  # 20 moved aside
-    assert T._choose_resume(str(c5), root, attempt=1) == str(c5)  # preempted before a save
-    c8 = _ckpt(root, 8)
     capsys.readouterr()
+    assert T._choose_resume(str(c5), root, attempt=1) == str(c5)  # preempted before a save
+    assert capsys.readouterr().out == ""  # the start itself is no progress to announce
+    c8 = _ckpt(root, 8)
+    assert T._choose_resume(str(c5), root, attempt=1) == str(c8)  # the first requeue
     assert T._choose_resume(str(c5), root, attempt=2) == str(c8)
     assert _steps(root) == [5, 8]
-    assert capsys.readouterr().out == (
-        f"attempt 2: resuming from checkpoint-8, saved since this launch started from {c5}\n"
+    assert capsys.readouterr().out == "".join(
+        f"attempt {n}: resuming from checkpoint-8, saved since this launch started from {c5}\n"
+        for n in (1, 2)
     )
     # A start from another run's checkpoint-100: this root's older checkpoint-8 is not progress.
     c100 = _ckpt(other, 100)
     assert T._choose_resume(str(c100), root, attempt=1) == str(c100)
     assert _steps(root) == [5, 8]
+
+
+@pytest.mark.usefixtures("single")
+def test_an_explicit_start_without_a_step_counts_as_step_0(tmp_path: Path) -> None:
+    """Starting from a folder that is not a ``checkpoint-N`` (an adapter saved elsewhere):
+    every complete checkpoint of this run, even checkpoint-1, is another line of training and
+    goes aside; a requeue then resumes from what this launch saved, even its step 1."""
+    root, start = tmp_path / "ckpts", _ckpt(tmp_path / "elsewhere", 3)
+    adapter = start.rename(tmp_path / "elsewhere" / "final_adapter")
+    _ckpt(root, 1)
+    assert T._choose_resume(str(adapter), root, attempt=0) == str(adapter)
+    assert _steps(root) == []
+    c1 = _ckpt(root, 1)
+    assert T._choose_resume(str(adapter), root, attempt=1) == str(c1)
 
 
 @pytest.mark.usefixtures("single")
