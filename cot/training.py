@@ -385,6 +385,44 @@ def superseded_after(root: str | Path, step: int) -> list[Path]:
     ]
 
 
+START_RECORD = ".resume_start.json"  # in the checkpoints folder: where its line of training began
+SUPERSEDED = "superseded"  # in the checkpoints folder: complete checkpoints an explicit start moved
+
+
+def start_step(path: str | Path) -> int:
+    """The step training resumes at from ``path``: a ``checkpoint-<step>`` folder's number,
+    else the ``global_step`` of its ``trainer_state.json``, else 0 (no trainer state: the
+    Trainer starts counting again)."""
+    path = Path(path)
+    step = checkpoint_step(path)
+    if step is not None:
+        return step
+    try:
+        return int(
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def recorded_start(root: str | Path) -> dict[str, Any] | None:
+    """What :func:`_choose_resume` recorded of the explicit start of ``root``'s training, if any."""
+    try:
+        data = json.loads((Path(root) / START_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("path"), str):
+        return None
+    return data if isinstance(data.get("step"), int) else None
+
+
+def started_from(root: str | Path, explicit: str | Path) -> bool:
+    """True when ``explicit`` is the recorded start of ``root``'s line of training (a requeue or
+    a relaunch of that start, which may go on after rotation removed the start itself)."""
+    begun = recorded_start(root)
+    return begun is not None and begun["path"] == str(Path(explicit).resolve())
+
+
 # --------------------------------------------------------------------------- settings
 
 
@@ -943,50 +981,59 @@ def save_adapter_atomically(model: Any, tokenizer: Any, dest: Path) -> Path:
     return dest
 
 
-def _choose_resume(explicit: str | None, root: Path, attempt: int = 0) -> str | None:
+def _explicit_start(explicit: str, root: Path) -> str:
+    """Rank 0's choice for ``--resume-from-checkpoint explicit`` (see :func:`_choose_resume`)."""
+    path = Path(explicit).resolve()
+    if started_from(root, path):
+        begun = recorded_start(root)
+        assert begun is not None
+        latest = latest_complete_checkpoint(root)
+        if latest is not None and start_step(latest) > begun["step"]:
+            log.info(f"resuming from {latest.name}, saved since training started from {explicit}")
+            return str(latest)
+    if not path.is_dir():
+        raise InputError(f"--resume-from-checkpoint {explicit}: no such folder")
+    if not checkpoint_complete(path):
+        log.warning(f"{explicit} has no completion marker; resuming from it as asked")
+    step = start_step(path)
+    newer = superseded_after(root, step)
+    if newer:
+        (root / SUPERSEDED).mkdir(parents=True, exist_ok=True)
+        aside = Path(tempfile.mkdtemp(prefix=f"from-step-{step}.", dir=root / SUPERSEDED))
+        for ckpt in newer:
+            os.replace(ckpt, aside / ckpt.name)
+            log.warning(
+                f"moved {ckpt.name} aside to {aside / ckpt.name} (newer than the resume point "
+                f"{explicit}: another line of training)"
+            )
+    atomic_write_text(root / START_RECORD, json.dumps({"path": str(path), "step": step}))
+    return str(path)
+
+
+def _choose_resume(explicit: str | None, root: Path) -> str | None:
     """Rank 0 picks the checkpoint (explicit, else the newest complete one) and tells the rest.
 
-    ``explicit`` (``--resume-from-checkpoint``) is where a launch starts: its first attempt
-    resumes from it and moves the complete checkpoints newer than it aside (kept, never
-    deleted). A later attempt of the same launch (a requeue, a restart) resumes from what this
-    line of training saved since, the newest complete checkpoint past ``explicit``'s step, and
-    from ``explicit`` only while there is none. Deciding once and broadcasting keeps the ranks
-    in agreement even if a folder's state were to look different from two nodes of a shared
+    ``explicit`` (``--resume-from-checkpoint``) starts a line of training. The first time,
+    the complete checkpoints newer than it are moved into ``root/superseded/`` (kept, never
+    deleted: training again from there saves its own ``checkpoint-N``, never into an old one
+    whose marker would still vouch for it) and the start is recorded in ``root``. A requeue or
+    a relaunch with the same ``explicit`` then goes on from what that line saved since, even
+    once rotation removed the start itself. Deciding once and broadcasting keeps the ranks in
+    agreement even if a folder's state were to look different from two nodes of a shared
     filesystem.
     """
     choice: str | None = None
     dist = _dist()
     rank = dist.get_rank() if dist is not None else 0
     if rank == 0:
-        # a first attempt with an explicit start never looks at (nor warns about) the others
-        latest = latest_complete_checkpoint(root) if attempt > 0 or not explicit else None
         if explicit:
-            if not Path(explicit).is_dir():
-                raise InputError(f"--resume-from-checkpoint {explicit}: no such folder")
-            start = checkpoint_step(Path(explicit)) or 0
-            if latest is not None and (checkpoint_step(latest) or 0) > start:
-                log.info(
-                    f"attempt {attempt}: resuming from {latest.name}, saved since this launch "
-                    f"started from {explicit}"
-                )
-                choice = str(latest)
-            else:
-                if not checkpoint_complete(explicit):
-                    log.warning("%s has no completion marker; resuming from it as asked", explicit)
-                choice = str(Path(explicit).resolve())
+            choice = _explicit_start(explicit, root)
         else:
+            latest = latest_complete_checkpoint(root)
             choice = str(latest) if latest else None
-        step = checkpoint_step(Path(choice)) if choice else 0
-        for torn in torn_after(root, step or 0):
+        for torn in torn_after(root, start_step(choice) if choice else 0):
             log.info(f"removing torn checkpoint {torn.name} (no complete marker)")
             shutil.rmtree(torn, ignore_errors=True)
-        for newer in superseded_after(root, step or 0):
-            aside = Path(tempfile.mkdtemp(prefix=f"{newer.name}.superseded-", dir=root))
-            os.replace(newer, aside / newer.name)
-            log.info(
-                f"moved {newer.name} aside to {aside} (newer than the resume point; another "
-                "line of training)"
-            )
     if dist is not None:
         box = [choice]
         dist.broadcast_object_list(box, src=0)
@@ -995,11 +1042,9 @@ def _choose_resume(explicit: str | None, root: Path, attempt: int = 0) -> str | 
 
 
 def run_training(
-    cfg: TrainHParams, *, out_dir: Path, stop_requested: Callable[[], bool], attempt: int = 0
+    cfg: TrainHParams, *, out_dir: Path, stop_requested: Callable[[], bool]
 ) -> TrainResult:
     """One attempt of a training run on this rank: resume, train, and (rank 0) save outputs.
-
-    ``attempt`` counts the restarts of this launch (0 first): see :func:`_choose_resume`.
 
     The process group comes up inside TrainingArguments, from the RANK/WORLD_SIZE/MASTER_*
     variables the caller exported. Returns with ``preempted=True`` after the collective save
@@ -1040,7 +1085,7 @@ def run_training(
         precision=precision,
     )
     _ = args.device  # brings the process group up now, before the ranks must agree on anything
-    resume = _choose_resume(cfg.resume_from_checkpoint, ckpt_root, attempt)
+    resume = _choose_resume(cfg.resume_from_checkpoint, ckpt_root)
     if rank == 0:
         what = f"resuming from {resume}" if resume else "starting from scratch"
         log.info(f"{what} (setup {time.time() - t0:.1f}s)")

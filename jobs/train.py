@@ -90,9 +90,7 @@ class Train(submitit.helpers.Checkpointable):
         from cot.training import TrainHParams, TrainOutputs, barrier, run_training
 
         out_dir.mkdir(parents=True, exist_ok=True)
-        result = run_training(
-            TrainHParams.pick(cfg), out_dir=out_dir, stop_requested=flag, attempt=renv.attempt
-        )
+        result = run_training(TrainHParams.pick(cfg), out_dir=out_dir, stop_requested=flag)
         if result.preempted:
             log.info(f"train: preempted at step {result.global_step}; requeueing")
             flag.requeue_and_exit(renv.rank, barrier=barrier)

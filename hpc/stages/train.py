@@ -75,14 +75,24 @@ def check_reporter(report_to: str) -> None:
 def validate_config(cfg: C.TrainConfig, *, check_data: bool = True) -> int:
     """Check everything a training job would trip over; returns the number of records."""
     from cot.models import check_model_dir, check_remote_code
-    from cot.training import load_deepspeed_config, read_training_records
+    from cot.training import (
+        TrainOutputs,
+        load_deepspeed_config,
+        read_training_records,
+        started_from,
+    )
 
     assert cfg.data is not None
     n = len(read_training_records(cfg.data)) if check_data else 0
     check_remote_code(check_model_dir(cfg.student), cfg.trust_remote_code)
     load_deepspeed_config(cfg.deepspeed)
-    if cfg.resume_from_checkpoint and not Path(cfg.resume_from_checkpoint).is_dir():
-        raise ConfigError(f"--resume-from-checkpoint {cfg.resume_from_checkpoint}: no such folder")
+    start = cfg.resume_from_checkpoint
+    if start and not Path(start).is_dir():
+        # A relaunch may go on from what its line of training saved after rotation removed the
+        # start itself; any other missing start is refused here.
+        done = cfg.out_dir and started_from(TrainOutputs(Path(cfg.out_dir)).checkpoints, start)
+        if not done:
+            raise ConfigError(f"--resume-from-checkpoint {start}: no such folder")
     job_shape(cfg)
     check_reporter(cfg.report_to)
     return n

@@ -9,7 +9,9 @@ two-rank group (what it receives from rank 0, what the other rank's flag is).
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -243,74 +245,101 @@ def test_explicit_resume_is_resolved_and_a_markerless_one_kept_with_a_warning(
     assert not c10.exists()  # now newer than the resume point, and torn
 
 
+def _aside(root: Path) -> list[Path]:
+    """The checkpoints an explicit start moved aside, oldest step first."""
+    found = (root / T.SUPERSEDED).glob("from-step-*/checkpoint-*")
+    return sorted(found, key=lambda p: T.checkpoint_step(p) or 0)
+
+
 @pytest.mark.usefixtures("single")
 def test_explicit_resume_from_an_older_step_moves_the_newer_complete_ones_aside(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Training again from step 5 saves its own step 10: the old complete checkpoint-10 must not
     be there to be written into (its old marker would vouch for a half-written mix) nor be
-    chosen by a later resume, and it is another line of training, so it is kept, not deleted."""
+    chosen by a later resume, and it is another line of training, so it is kept, not deleted,
+    where nothing that lists or rotates checkpoints can see it."""
     root = tmp_path / "ckpts"
     c5, c10, c15 = _ckpt(root, 5), _ckpt(root, 10), _ckpt(root, 15)
     old10 = (c10 / "adapter_model.safetensors").read_bytes()
     assert T._choose_resume(str(c5), root) == str(c5)
     assert _steps(root) == [5] and not c10.exists() and not c15.exists()
-    aside = sorted(p for p in root.iterdir() if p.name != "checkpoint-5")
-    assert [p.name.split(".")[0] for p in aside] == ["checkpoint-10", "checkpoint-15"]
-    assert all(".superseded-" in p.name for p in aside)
-    assert (aside[0] / "checkpoint-10" / "adapter_model.safetensors").read_bytes() == old10
-    assert T.checkpoint_complete(aside[1] / "checkpoint-15")
-    assert capsys.readouterr().out == "".join(
-        f"moved checkpoint-{n} aside to {p} (newer than the resume point; another line of "
-        "training)\n"
-        for n, p in zip((10, 15), aside, strict=True)
+    aside = _aside(root)
+    assert [p.name for p in aside] == ["checkpoint-10", "checkpoint-15"]
+    assert aside[0].parent.name.startswith("from-step-5.")
+    assert (aside[0] / "adapter_model.safetensors").read_bytes() == old10
+    assert T.checkpoint_complete(aside[1])  # a folder that --resume-from-checkpoint takes
+    assert not list(root.glob("checkpoint-*.*"))  # nothing the Trainer's own rotation globs
+    assert capsys.readouterr().err == "".join(
+        f"moved checkpoint-{p.name[11:]} aside to {p} (newer than the resume point {c5}: "
+        "another line of training)\n"
+        for p in aside
     )
-    # the newest complete one, resumed automatically or by name, moves nothing
+    # the newest complete one, resumed automatically, moves nothing
     assert T._choose_resume(None, root) == str(c5)
-    assert T._choose_resume(str(c5), root) == str(c5)
-    assert sorted(root.iterdir()) == sorted([c5, *aside])
+    assert _aside(root) == aside and _steps(root) == [5]
 
 
 @pytest.mark.usefixtures("single")
-def test_a_requeued_attempt_keeps_the_progress_made_since_the_explicit_start(
+def test_a_requeue_or_relaunch_of_an_explicit_start_goes_on_from_its_own_progress(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A launch with ``--resume-from-checkpoint`` is requeued with the same flag: its later
-    attempts resume from what they saved since, not from the start again (which would move
-    that progress aside and redo it)."""
-    root, other = tmp_path / "ckpts", tmp_path / "other"
+    """The same ``--resume-from-checkpoint`` again (a requeue, a restart, a relaunch after the
+    time limit): training goes on from what it saved since the start, not from the start again
+    (which would move that progress aside and redo it); even once rotation removed the start."""
+    root = tmp_path / "ckpts"
     c5 = _ckpt(root, 5)
     _ckpt(root, 20)
-    assert T._choose_resume(str(c5), root, attempt=0) == str(c5)  # 20 moved aside
+    assert T._choose_resume(str(c5), root) == str(c5)  # 20 moved aside
     capsys.readouterr()
-    assert T._choose_resume(str(c5), root, attempt=1) == str(c5)  # preempted before a save
+    assert T._choose_resume(str(c5), root) == str(c5)  # preempted before a save
     assert capsys.readouterr().out == ""  # the start itself is no progress to announce
     c8 = _ckpt(root, 8)
-    assert T._choose_resume(str(c5), root, attempt=1) == str(c8)  # the first requeue
-    assert T._choose_resume(str(c5), root, attempt=2) == str(c8)
-    assert _steps(root) == [5, 8]
-    assert capsys.readouterr().out == "".join(
-        f"attempt {n}: resuming from checkpoint-8, saved since this launch started from {c5}\n"
-        for n in (1, 2)
+    assert T._choose_resume(str(c5), root) == str(c8)
+    assert capsys.readouterr().out == (
+        f"resuming from checkpoint-8, saved since training started from {c5}\n"
     )
-    # A start from another run's checkpoint-100: this root's older checkpoint-8 is not progress.
-    c100 = _ckpt(other, 100)
-    assert T._choose_resume(str(c100), root, attempt=1) == str(c100)
-    assert _steps(root) == [5, 8]
+    shutil.rmtree(c5)  # rotation (keep 1) removed the start
+    c9 = _ckpt(root, 9)
+    assert T._choose_resume(str(c5), root) == str(c9)
+    assert _steps(root) == [8, 9] and [p.name for p in _aside(root)] == ["checkpoint-20"]
 
 
 @pytest.mark.usefixtures("single")
-def test_an_explicit_start_without_a_step_counts_as_step_0(tmp_path: Path) -> None:
-    """Starting from a folder that is not a ``checkpoint-N`` (an adapter saved elsewhere):
-    every complete checkpoint of this run, even checkpoint-1, is another line of training and
-    goes aside; a requeue then resumes from what this launch saved, even its step 1."""
-    root, start = tmp_path / "ckpts", _ckpt(tmp_path / "elsewhere", 3)
-    adapter = start.rename(tmp_path / "elsewhere" / "final_adapter")
-    _ckpt(root, 1)
-    assert T._choose_resume(str(adapter), root, attempt=0) == str(adapter)
-    assert _steps(root) == []
+def test_another_explicit_start_is_a_new_line_of_training(tmp_path: Path) -> None:
+    """A start other than the recorded one, or a first start after an automatic resume, moves
+    aside what is newer than it, and what is older stays: it is not this line's progress."""
+    root, other = tmp_path / "ckpts", tmp_path / "other"
+    c5, c8 = _ckpt(root, 5), _ckpt(root, 8)
+    assert T._choose_resume(None, root) == str(c8)
+    c100 = _ckpt(other, 100)
+    assert T._choose_resume(str(c100), root) == str(c100)  # root's older ones are not progress
+    assert _steps(root) == [5, 8]
+    assert T._choose_resume(str(c5), root) == str(c5)  # back to 5: 8 goes aside
+    assert _steps(root) == [5] and [p.name for p in _aside(root)] == ["checkpoint-8"]
+
+
+@pytest.mark.usefixtures("single")
+def test_an_explicit_start_without_a_step_in_its_name_starts_at_its_trainer_state(
+    tmp_path: Path,
+) -> None:
+    """A start that is not a ``checkpoint-N`` folder (a copy kept elsewhere) resumes at its
+    trainer state's global step; with none, the Trainer counts from 0 and every complete
+    checkpoint of this run, even checkpoint-1, is another line of training."""
+    root = tmp_path / "ckpts"
+    copy = _ckpt(tmp_path / "elsewhere", 3).rename(tmp_path / "elsewhere" / "kept")
+    (copy / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    c1, c4 = _ckpt(root, 1), _ckpt(root, 4)
+    assert T.start_step(copy) == 3
+    assert T._choose_resume(str(copy), root) == str(copy)
+    assert _steps(root) == [1] and [p.name for p in _aside(root)] == ["checkpoint-4"]
+    (copy / "trainer_state.json").unlink()
+    assert T.start_step(copy) == 0
+    bare = copy.rename(tmp_path / "elsewhere" / "bare")
+    assert T._choose_resume(str(bare), root) == str(bare)
+    assert _steps(root) == [] and not c1.exists() and not c4.exists()
     c1 = _ckpt(root, 1)
-    assert T._choose_resume(str(adapter), root, attempt=1) == str(c1)
+    assert T._choose_resume(str(bare), root) == str(c1)  # its own progress, even step 1
 
 
 @pytest.mark.usefixtures("single")

@@ -85,6 +85,18 @@ def test_validate_config_counts_the_records_and_checks_every_input(
     assert str(err.value) == f"--resume-from-checkpoint {ckpt}: no such folder"
     ckpt.mkdir()
     assert validate_config(dataclasses.replace(cfg, resume_from_checkpoint=str(ckpt))) == 3
+    # A relaunch of a recorded start goes on from its own progress, even once rotation removed
+    # the start; another run's record does not count.
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / ".resume_start.json").write_text(
+        json.dumps({"path": str(ckpt.resolve()), "step": 8})
+    )
+    ckpt.rmdir()
+    relaunch = dataclasses.replace(cfg, resume_from_checkpoint=str(ckpt), out_dir=str(out))
+    assert validate_config(relaunch) == 3
+    with pytest.raises(ConfigError, match="no such folder"):
+        validate_config(dataclasses.replace(relaunch, out_dir=str(tmp_path / "other")))
 
 
 def test_a_student_with_its_own_code_needs_trust_remote_code(tmp_path: Path) -> None:
