@@ -25,6 +25,7 @@ from hpc.errors import PlanError
 from hpc.shards import sha256_file
 
 FILE = "fingerprint.json"
+_MISSING = "(none)"  # how a field one side lacks is shown
 # Small files of a model folder that change what it computes.
 MODEL_FILES = (
     "config.json",
@@ -102,15 +103,15 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     out = []
     for key in sorted(set(a) | set(b)):
         if (key in a) != (key in b) or a.get(key) != b.get(key):
-            out.append(f"{key}: {_shown(a, key)} -> {_shown(b, key)}")
+            old_text, new_text = _shown(a, key), _shown(b, key)
+            if old_text == new_text:  # values that print alike: 1 and "1", two digests' prefix
+                old_text, new_text = (json.dumps(f[key]) if key in f else _MISSING for f in (a, b))
+            out.append(f"{key}: {old_text} -> {new_text}")
     return out
 
 
 def _shown(fields: Mapping[str, Any], key: str) -> str:
     return _short(fields[key]) if key in fields else _MISSING
-
-
-_MISSING = "(none)"
 
 
 def _short(value: Any) -> str:

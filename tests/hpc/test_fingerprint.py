@@ -168,3 +168,11 @@ def test_only_a_sha256_is_shortened_in_a_difference() -> None:
     assert fingerprint.differences({"w": digest}, {"w": other}) == [
         f"w: sha256 0123456789ab -> {other}"
     ]
+
+
+def test_values_that_print_alike_are_shown_as_json() -> None:
+    """A refusal never reads ``x: 1 -> 1``: values that differ but print alike are quoted."""
+    assert fingerprint.differences({"a": 1}, {"a": "1"}) == ['a: 1 -> "1"']
+    assert fingerprint.differences({"a": None}, {"a": "null"}) == ['a: null -> "null"']
+    one, two = "ab" * 6 + "0" * 52, "ab" * 6 + "1" * 52  # the same first 12 characters
+    assert fingerprint.differences({"w": one}, {"w": two}) == [f'w: "{one}" -> "{two}"']
