@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import locale
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,3 +53,17 @@ def small_questions(tmp_path: Path, dataset_dir: Path) -> Path:
     p = tmp_path / "q24.jsonl"
     p.write_text("\n".join(lines) + "\n")
     return p
+
+
+@pytest.fixture()
+def ascii_locale() -> Iterator[None]:
+    """The process's text encoding is ASCII (LC_CTYPE=C without UTF-8 mode), as on a node
+    whose locale is unset; skipped under UTF-8 mode, where the locale never chooses it."""
+    if sys.flags.utf8_mode:
+        pytest.skip("UTF-8 mode: the locale never chooses the text encoding")
+    old = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_CTYPE, old)

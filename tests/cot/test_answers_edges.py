@@ -50,6 +50,7 @@ def test_ratios_compare_exactly_however_large() -> None:
         (r"$12.5\%$", "12.5%"),  # LaTeX's escaped percent sign is a percent sign
         (r"about half (50\%)", "About half (50%)"),  # in a text answer too
         ("Paris .", "Paris"),  # a final period, and the space before it, change no answer
+        ("5 s", "5 \u017f"),  # text that compares equal casefolded, though one side parses
     ],
 )
 def test_formatting_around_an_answer_never_changes_it(predicted: str, gold: str) -> None:

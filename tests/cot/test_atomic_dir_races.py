@@ -76,13 +76,14 @@ def test_dest_moved_away_by_another_writer_before_ours_moves_it(
 ) -> None:
     """The other writer renamed ``dest`` aside first: ours finds it gone, drops its empty
     aside folder, and renames straight in."""
-    dest = _folder(tmp_path / "adapter", "old")
-    tmp = _folder(tmp_path / ".adapter.tmp", "ours")
-    elsewhere = tmp_path.parent / f"{tmp_path.name}-theirs-aside"
+    root = tmp_path / "x"
+    dest = _folder(root / "adapter", "old")
+    tmp = _folder(root / ".adapter.tmp", "ours")
+    elsewhere = tmp_path / "theirs-aside"
     renames = _Renames(monkeypatch, {2: lambda: os.replace(dest, elsewhere)})
     records._place(tmp, dest)
     assert _content(dest) == {"w.bin": "ours"}
-    assert _side(tmp_path) == ["adapter"]  # no empty ".old" folder left behind
+    assert _side(root) == ["adapter"]  # no empty ".old" folder left behind
     assert len(renames.calls) == 3 and renames.calls[2] == (".adapter.tmp", "adapter")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import json
-import locale
 import os
 import threading
 import time
@@ -138,17 +137,13 @@ def test_appender_fsyncs_only_what_is_new_and_close_stops_its_thread(
     assert path.read_text() == '{"id": "1"}\n{"id": "2"}\n'
 
 
+@pytest.mark.usefixtures("ascii_locale")
 def test_appender_writes_utf8_whatever_the_locale(tmp_path: Path) -> None:
     """Records are UTF-8 lines even in a process whose locale encoding is ASCII (LANG=C on an
     old node): a question in any script is written, and read back, unchanged."""
     path = tmp_path / "shard.jsonl"
-    old = locale.setlocale(locale.LC_CTYPE)
-    locale.setlocale(locale.LC_CTYPE, "C")
-    try:
-        with DurableAppender(path, interval_s=60) as out:
-            out.write([{"question": "Combien font 2×3 ? — π≈3"}])
-    finally:
-        locale.setlocale(locale.LC_CTYPE, old)
+    with DurableAppender(path, interval_s=60) as out:
+        out.write([{"question": "Combien font 2×3 ? — π≈3"}])
     assert path.read_bytes() == (
         json.dumps({"question": "Combien font 2×3 ? — π≈3"}, ensure_ascii=False) + "\n"
     ).encode("utf-8")
@@ -196,3 +191,24 @@ def test_a_lone_surrogate_anywhere_in_a_nested_field_is_refused(tmp_path: Path, 
         read_questions(p)
     bad = "\\ud800" if "ud800" in meta else "\\udc00"
     assert str(e.value) == f"{p}:2: field 'meta': contains a lone surrogate ({bad})"
+
+
+def test_close_returns_only_once_the_fsync_thread_has_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``close`` waits for its thread, even one slow to notice the stop: nothing of the appender
+    runs after it returns."""
+
+    class SlowToWake(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            woke = super().wait(timeout)
+            if woke:
+                time.sleep(0.2)
+            return woke
+
+    monkeypatch.setattr(threading, "Event", SlowToWake)
+    before = set(threading.enumerate())
+    out = DurableAppender(tmp_path / "shard.jsonl", interval_s=60)
+    started = [t for t in threading.enumerate() if t not in before]
+    out.close()
+    assert started and not any(t.is_alive() for t in started)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import locale
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,17 +11,6 @@ import pytest
 from hpc import shards as S
 from hpc.layout import StageLayout
 from hpc.stages.sharded import _starts
-
-
-@pytest.fixture()
-def ascii_locale() -> Iterator[None]:
-    """A process whose locale encoding is ASCII (LANG=C on an old node)."""
-    old = locale.setlocale(locale.LC_CTYPE)
-    locale.setlocale(locale.LC_CTYPE, "C")
-    try:
-        yield
-    finally:
-        locale.setlocale(locale.LC_CTYPE, old)
 
 
 @pytest.mark.usefixtures("ascii_locale")

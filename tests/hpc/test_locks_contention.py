@@ -30,6 +30,7 @@ def test_judging_a_local_holder_alive_sends_it_no_signal_at_all(tmp_path: Path) 
     child = os.fork()
     if child == 0:  # pragma: no cover - the holder: blocks every signal, so any sent stays pending
         try:
+            os.setsid()  # out of pytest's process group: no terminal signal reaches it
             signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
             os.write(ready_w, b"r")
             time.sleep(30)

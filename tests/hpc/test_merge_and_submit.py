@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import locale
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,20 +18,6 @@ from tests.hpc.test_shards import _complete_all, _stage
 from tests.hpc.test_stage_wiring import FakeBackend, _earlier, _finish, _planned
 
 # --------------------------------------------------------------------------- plan.json
-
-
-@pytest.fixture
-def ascii_locale() -> Iterator[None]:
-    """The process's text encoding is ASCII (LC_CTYPE=C without UTF-8 mode), as on a node
-    whose locale is unset."""
-    if sys.flags.utf8_mode:
-        pytest.skip("UTF-8 mode: the locale never chooses the text encoding")
-    old = locale.setlocale(locale.LC_CTYPE)
-    locale.setlocale(locale.LC_CTYPE, "C")
-    try:
-        yield
-    finally:
-        locale.setlocale(locale.LC_CTYPE, old)
 
 
 def test_a_plan_saved_as_utf8_json_is_read_whatever_the_locale(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import locale
 import os
 from pathlib import Path
 from typing import Any
@@ -104,6 +103,7 @@ def test_a_refusal_lists_each_differing_field_on_a_line_of_its_own(tmp_path: Pat
     )
 
 
+@pytest.mark.usefixtures("ascii_locale")
 def test_a_pinned_fingerprint_in_utf8_is_read_the_same_under_any_locale(tmp_path: Path) -> None:
     """A fingerprint.json holding UTF-8 text (restored or rewritten by a JSON tool that does not
     escape it) matches the same settings in a launcher run under LANG=C, not "not valid JSON"."""
@@ -111,12 +111,7 @@ def test_a_pinned_fingerprint_in_utf8_is_read_the_same_under_any_locale(tmp_path
     stage.mkdir()
     fp = {"teacher": {"path": "/mod\u00e8les/t\u00e9acher"}}
     (stage / "fingerprint.json").write_bytes(json.dumps(fp, ensure_ascii=False).encode())
-    old = locale.setlocale(locale.LC_CTYPE)
-    locale.setlocale(locale.LC_CTYPE, "C")  # the locale encoding is now ASCII
-    try:
-        assert fingerprint.check(stage, fp) is True
-    finally:
-        locale.setlocale(locale.LC_CTYPE, old)
+    assert fingerprint.check(stage, fp) is True
 
 
 # --------------------------------------------------------------------------- locks
