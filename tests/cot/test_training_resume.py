@@ -342,6 +342,19 @@ def test_an_explicit_start_without_a_step_in_its_name_starts_at_its_trainer_stat
     assert T._choose_resume(str(bare), root) == str(c1)  # its own progress, even step 1
 
 
+@pytest.mark.parametrize(
+    "text", ["[]", '"x"', '{"path": 1, "step": 1}', '{"path": "/c"}', '{"path": "/c", "step": "1"}']
+)
+def test_a_start_record_that_is_not_ours_counts_as_none(tmp_path: Path, text: str) -> None:
+    """A damaged or foreign .resume_start.json never crashes a resume: it is no record (so the
+    explicit start is taken as new, and nothing is taken for this line's progress)."""
+    (tmp_path / T.START_RECORD).write_text(text)
+    assert T.recorded_start(tmp_path) is None
+    assert not T.started_from(tmp_path, "/c")
+    (tmp_path / T.START_RECORD).write_text('{"path": "/c", "step": 4}')
+    assert T.recorded_start(tmp_path) == {"path": "/c", "step": 4}
+
+
 @pytest.mark.usefixtures("single")
 def test_explicit_resume_from_a_missing_folder_is_refused_by_name(tmp_path: Path) -> None:
     missing = str(tmp_path / "checkpoint-7")
