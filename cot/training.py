@@ -416,11 +416,12 @@ def recorded_start(root: str | Path) -> dict[str, Any] | None:
     return data if isinstance(data.get("step"), int) else None
 
 
-def started_from(root: str | Path, explicit: str | Path) -> bool:
-    """True when ``explicit`` is the recorded start of ``root``'s line of training (a requeue or
-    a relaunch of that start, which may go on after rotation removed the start itself)."""
+def started_from(root: str | Path, explicit: str | Path) -> dict[str, Any] | None:
+    """The record when ``explicit`` is the recorded start of ``root``'s line of training (a
+    requeue or a relaunch of that start, which may go on after rotation removed the start
+    itself), else None."""
     begun = recorded_start(root)
-    return begun is not None and begun["path"] == str(Path(explicit).resolve())
+    return begun if begun is not None and begun["path"] == str(Path(explicit).resolve()) else None
 
 
 # --------------------------------------------------------------------------- settings
@@ -984,9 +985,8 @@ def save_adapter_atomically(model: Any, tokenizer: Any, dest: Path) -> Path:
 def _explicit_start(explicit: str, root: Path) -> str:
     """Rank 0's choice for ``--resume-from-checkpoint explicit`` (see :func:`_choose_resume`)."""
     path = Path(explicit).resolve()
-    if started_from(root, path):
-        begun = recorded_start(root)
-        assert begun is not None
+    begun = started_from(root, path)
+    if begun is not None:  # a requeue or relaunch of this start
         latest = latest_complete_checkpoint(root)
         if latest is not None and start_step(latest) > begun["step"]:
             log.info(f"resuming from {latest.name}, saved since training started from {explicit}")

@@ -104,8 +104,8 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     for key in sorted(set(a) | set(b)):
         if (key in a) != (key in b) or a.get(key) != b.get(key):
             old_text, new_text = _shown(a, key), _shown(b, key)
-            if old_text == new_text:  # values that print alike: 1 and "1", two digests' prefix
-                old_text, new_text = (json.dumps(f[key]) if key in f else _MISSING for f in (a, b))
+            if old_text == new_text:  # both present (a missing side prints apart), yet alike:
+                old_text, new_text = json.dumps(a[key]), json.dumps(b[key])  # 1 and "1", ...
             out.append(f"{key}: {old_text} -> {new_text}")
     return out
 
