@@ -50,6 +50,17 @@ class _Renames:
         os.replace(src, dst)
 
 
+def _taken(root: Path) -> tuple[Path, Path]:
+    """``root/adapter`` holding the old content, and ours to place over it."""
+    return _folder(root / "adapter", "old"), _folder(root / ".adapter.tmp", "ours")
+
+
+def _need_exchange(tmp_path: Path) -> None:
+    """Skip unless this file system swaps two folders in one step (renameat2)."""
+    if not records.exchange(_folder(tmp_path / "a", "a"), _folder(tmp_path / "b", "b")):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) on this file system")
+
+
 def _side(tmp_path: Path) -> list[str]:
     return sorted(p.name for p in tmp_path.iterdir())
 
@@ -57,8 +68,7 @@ def _side(tmp_path: Path) -> list[str]:
 def test_a_taken_dest_is_renamed_aside_then_ours_renamed_in(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    dest = _folder(tmp_path / "adapter", "old")
-    tmp = _folder(tmp_path / ".adapter.tmp", "ours")
+    dest, tmp = _taken(tmp_path)
     renames = _Renames(monkeypatch, {})
     records._place(tmp, dest)
     assert _content(dest) == {"w.bin": "ours"} and _side(tmp_path) == ["adapter"]
@@ -77,8 +87,7 @@ def test_dest_moved_away_by_another_writer_before_ours_moves_it(
     """The other writer renamed ``dest`` aside first: ours finds it gone, drops its empty
     aside folder, and renames straight in."""
     root = tmp_path / "x"
-    dest = _folder(root / "adapter", "old")
-    tmp = _folder(root / ".adapter.tmp", "ours")
+    dest, tmp = _taken(root)
     elsewhere = tmp_path / "theirs-aside"
     renames = _Renames(monkeypatch, {2: lambda: os.replace(dest, elsewhere)})
     records._place(tmp, dest)
@@ -92,8 +101,7 @@ def test_another_writers_folder_landing_in_the_gap_is_replaced_whole(
 ) -> None:
     """Between ours moving the old folder aside and renaming in, another whole folder lands:
     ours goes round again and replaces it; neither old folder is left beside ``dest``."""
-    dest = _folder(tmp_path / "adapter", "old")
-    tmp = _folder(tmp_path / ".adapter.tmp", "ours")
+    dest, tmp = _taken(tmp_path)
     renames = _Renames(monkeypatch, {3: lambda: _folder(dest, "theirs") and None})
     records._place(tmp, dest)
     assert _content(dest) == {"w.bin": "ours"} and _side(tmp_path) == ["adapter"]
@@ -103,8 +111,7 @@ def test_another_writers_folder_landing_in_the_gap_is_replaced_whole(
 def test_a_failed_rename_in_puts_the_old_folder_back_and_raises(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    dest = _folder(tmp_path / "adapter", "old")
-    tmp = _folder(tmp_path / ".adapter.tmp", "ours")
+    dest, tmp = _taken(tmp_path)
 
     def cross_device() -> None:
         raise OSError(errno.EXDEV, "Invalid cross-device link")
@@ -122,8 +129,7 @@ def test_an_old_folder_that_cannot_go_back_is_kept_beside_never_deleted(
 ) -> None:
     """Ours fails to rename in while another writer lands: the old folder cannot be put back
     over theirs, so it stays beside it, whole, and the first error is the one raised."""
-    dest = _folder(tmp_path / "adapter", "old")
-    tmp = _folder(tmp_path / ".adapter.tmp", "ours")
+    dest, tmp = _taken(tmp_path)
 
     def theirs_lands_and_ours_fails() -> None:
         _folder(dest, "theirs")
@@ -155,8 +161,7 @@ def test_an_error_other_than_taken_is_raised_at_once(
 def test_writers_that_keep_moving_dest_away_make_ours_give_up_after_100_tries(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    dest = _folder(tmp_path / "adapter", "old")
-    tmp = _folder(tmp_path / ".adapter.tmp", "ours")
+    dest, tmp = _taken(tmp_path)
     renames = _Renames(monkeypatch, {})
 
     def exchange(a: Path, b: Path) -> bool:
@@ -175,10 +180,8 @@ def test_writers_that_keep_moving_dest_away_make_ours_give_up_after_100_tries(
 def test_with_renameat2_a_taken_dest_is_swapped_and_the_old_content_deleted(
     tmp_path: Path,
 ) -> None:
-    if not records.exchange(_folder(tmp_path / "a", "a"), _folder(tmp_path / "b", "b")):
-        pytest.skip("no renameat2(RENAME_EXCHANGE) on this file system")
-    dest = _folder(tmp_path / "x" / "adapter", "old")
-    tmp = _folder(tmp_path / "x" / ".adapter.tmp", "ours")
+    _need_exchange(tmp_path)
+    dest, tmp = _taken(tmp_path / "x")
     records._place(tmp, dest)
     assert _content(dest) == {"w.bin": "ours"} and _side(tmp_path / "x") == ["adapter"]
 
@@ -206,12 +209,11 @@ def test_old_content_that_cannot_be_deleted_never_fails_a_save_that_landed(
     reports success (an error now would make the caller redo or abandon a finished save)."""
     if not can_exchange:
         monkeypatch.setattr(records, "exchange", lambda a, b: False)
-    elif not records.exchange(_folder(tmp_path / "a", "a"), _folder(tmp_path / "b", "b")):
-        pytest.skip("no renameat2(RENAME_EXCHANGE) on this file system")
+    else:
+        _need_exchange(tmp_path)
     root = tmp_path / "x"
-    dest = _folder(root / "adapter", "old")
+    dest, tmp = _taken(root)
     (dest / "busy.bin").write_text("held open")
-    tmp = _folder(root / ".adapter.tmp", "ours")
     records._place(tmp, dest)
     assert _content(dest) == {"w.bin": "ours"}
     (left,) = [p for p in root.iterdir() if p != dest]

@@ -13,21 +13,26 @@ from hpc.backends import choose_backend, for_kind, slurm
 from hpc.backends.local import LocalBackend
 from hpc.errors import StageFailed
 from hpc.layout import RunLayout
-from tests.hpc.test_stage_wiring import FakeBackend, FakeHandle, _earlier, _finish, _planned
+from tests.hpc.test_stage_wiring import (
+    FakeBackend,
+    FakeHandle,
+    _earlier,
+    _finish,
+    _planned,
+    _queued,
+)
 
 
 def test_wait_first_progress_line_counts_shards_done_before_it_started(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The first poll always prints the count, even when one shard is already complete."""
-    stage = _planned(tmp_path)
-    _earlier(stage, {0: "50_0", 1: "50_1", 2: "50_2"})
-    backend = FakeBackend(stage.layout)
+    stage, backend, handle = _queued(tmp_path)
     _finish(stage, 0)
     backend.state_seq = [{"51": "RUNNING"}, {"51": "FAILED"}]
     capsys.readouterr()
     with pytest.raises(StageFailed):
-        stage.wait(backend, FakeHandle(["51"], ["merge"], new=False))
+        stage.wait(backend, handle)
     assert capsys.readouterr().out.splitlines() == ["generate: 1/3 shards complete"]
 
 
